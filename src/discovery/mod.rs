@@ -1,0 +1,3 @@
+//! The discovery service: state, gRPC API, persistence, metrics.
+
+pub mod cli;
