@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Watch fan-out clones every affiliate once per watcher: make that a refcount.
+        .bytes(".sidero.discovery.server")
         .compile_protos(&protos, &["proto", include])?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
