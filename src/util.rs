@@ -29,6 +29,18 @@ pub fn parse_listen_addr(s: &str) -> Result<Option<SocketAddr>, String> {
         .ok_or_else(|| format!("address {s:?} resolves to nothing"))
 }
 
+/// A listen address flag value: `None` when the flag is empty (disabled).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_listen_addr(s).map(ListenAddr)
+    }
+}
+
 /// Binds a TCP listener; an unspecified IPv6 address falls back to IPv4 on
 /// hosts without IPv6.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {

@@ -11,11 +11,7 @@ use super::ratelimit::RateConfig;
 use super::server::{self, Config, SnapshotConfig};
 use super::service::ServiceOptions;
 use super::state::Limits;
-use crate::util::{parse_duration, parse_listen_addr};
-
-fn listen_addr(s: &str) -> Result<Option<std::net::SocketAddr>, String> {
-    parse_listen_addr(s)
-}
+use crate::util::{ListenAddr, parse_duration};
 
 fn positive_duration(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
@@ -37,16 +33,16 @@ fn non_negative_rate(s: &str) -> Result<f64, String> {
 #[command(about = "Run a discovery service (sidero.discovery.server.Cluster gRPC API)")]
 pub struct Args {
     /// gRPC listen address (`:port` for every address; empty disables).
-    #[arg(long, default_value = ":3000", value_parser = listen_addr)]
-    pub addr: Option<std::net::SocketAddr>,
+    #[arg(long, default_value = ":3000")]
+    pub addr: ListenAddr,
 
     /// Landing page and /stats listen address (empty disables).
-    #[arg(long, default_value = ":3001", value_parser = listen_addr)]
-    pub landing_addr: Option<std::net::SocketAddr>,
+    #[arg(long, default_value = ":3001")]
+    pub landing_addr: ListenAddr,
 
     /// Prometheus /metrics listen address (empty disables).
-    #[arg(long, default_value = ":2122", value_parser = listen_addr)]
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    #[arg(long, default_value = ":2122")]
+    pub metrics_addr: ListenAddr,
 
     /// How often expired affiliates and endpoints are collected.
     #[arg(long, default_value = "1m", value_parser = positive_duration)]
@@ -78,7 +74,7 @@ pub struct Args {
     pub key_path: Option<PathBuf>,
 
     /// Requests per second allowed per client IP (0 disables rate limiting).
-    #[arg(long, default_value = "15", value_parser = non_negative_rate)]
+    #[arg(long, default_value = "15", value_parser = non_negative_rate, allow_negative_numbers = true)]
     pub rate_limit: f64,
 
     /// Burst of requests allowed per client IP.
@@ -107,9 +103,9 @@ impl Args {
     pub fn into_config(self) -> Config {
         let redirect = self.redirect_endpoint.trim().to_owned();
         Config {
-            addr: self.addr,
-            landing_addr: self.landing_addr,
-            metrics_addr: self.metrics_addr,
+            addr: self.addr.0,
+            landing_addr: self.landing_addr.0,
+            metrics_addr: self.metrics_addr.0,
             gc_interval: self.gc_interval,
             snapshot: self.snapshots_enabled.then_some(SnapshotConfig {
                 path: self.snapshot_path,
