@@ -1,7 +1,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kubespan", version, about = "KubeSpan-compatible WireGuard mesh for Linux hosts")]
+#[command(
+    name = "kubespan",
+    version,
+    about = "KubeSpan-compatible WireGuard mesh for Linux hosts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
