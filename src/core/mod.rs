@@ -1,3 +1,4 @@
 //! The pure protocol core: no sockets, no netlink, no clock reads.
 
+pub mod base62;
 pub mod types;
