@@ -2,3 +2,4 @@
 
 pub mod base62;
 pub mod types;
+pub mod ula;
