@@ -1,5 +1,6 @@
 //! The pure protocol core: no sockets, no netlink, no clock reads.
 
 pub mod base62;
+pub mod payload;
 pub mod types;
 pub mod ula;
