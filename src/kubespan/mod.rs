@@ -4,12 +4,14 @@
 //! | module | spec | what |
 //! | --- | --- | --- |
 //! | [`endpoints`] | §3.2 | the endpoints this node advertises |
+//! | [`merge`] | §6 | raw affiliates → merged affiliates; members |
 //! | [`ipset`] | §7, §4.4 | the IP set arithmetic they share |
 
 use std::net::IpAddr;
 
 pub mod endpoints;
 pub mod ipset;
+pub mod merge;
 
 /// ULA purpose byte of KubeSpan addresses (spec §1.2).
 pub const ULA_KUBESPAN: u8 = 0x02;
