@@ -5,6 +5,7 @@
 //! | --- | --- | --- |
 //! | [`endpoints`] | §3.2 | the endpoints this node advertises |
 //! | [`merge`] | §6 | raw affiliates → merged affiliates; members |
+//! | [`peerspec`] | §7 | merged affiliates → WireGuard peer specs (AllowedIPs, overlap resolution) |
 //! | [`ipset`] | §7, §4.4 | the IP set arithmetic they share |
 
 use std::net::IpAddr;
@@ -12,6 +13,7 @@ use std::net::IpAddr;
 pub mod endpoints;
 pub mod ipset;
 pub mod merge;
+pub mod peerspec;
 
 /// ULA purpose byte of KubeSpan addresses (spec §1.2).
 pub const ULA_KUBESPAN: u8 = 0x02;
