@@ -6,6 +6,7 @@
 //! | [`endpoints`] | §3.2 | the endpoints this node advertises |
 //! | [`merge`] | §6 | raw affiliates → merged affiliates; members |
 //! | [`peerspec`] | §7 | merged affiliates → WireGuard peer specs (AllowedIPs, overlap resolution) |
+//! | [`peerstate`] | §8.3, §8.4 | peer up/down state machine and endpoint rotation |
 //! | [`ipset`] | §7, §4.4 | the IP set arithmetic they share |
 
 use std::net::IpAddr;
@@ -14,6 +15,7 @@ pub mod endpoints;
 pub mod ipset;
 pub mod merge;
 pub mod peerspec;
+pub mod peerstate;
 
 /// ULA purpose byte of KubeSpan addresses (spec §1.2).
 pub const ULA_KUBESPAN: u8 = 0x02;
