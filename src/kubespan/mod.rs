@@ -7,6 +7,7 @@
 //! | [`merge`] | §6 | raw affiliates → merged affiliates; members |
 //! | [`peerspec`] | §7 | merged affiliates → WireGuard peer specs (AllowedIPs, overlap resolution) |
 //! | [`peerstate`] | §8.3, §8.4 | peer up/down state machine and endpoint rotation |
+//! | [`routed`] | §4.4, §4.5 | the set of destinations steered into the tunnel |
 //! | [`ipset`] | §7, §4.4 | the IP set arithmetic they share |
 
 use std::net::IpAddr;
@@ -16,6 +17,7 @@ pub mod ipset;
 pub mod merge;
 pub mod peerspec;
 pub mod peerstate;
+pub mod routed;
 
 /// ULA purpose byte of KubeSpan addresses (spec §1.2).
 pub const ULA_KUBESPAN: u8 = 0x02;
