@@ -8,6 +8,7 @@
 //! | [`peerspec`] | §7 | merged affiliates → WireGuard peer specs (AllowedIPs, overlap resolution) |
 //! | [`peerstate`] | §8.3, §8.4 | peer up/down state machine and endpoint rotation |
 //! | [`routed`] | §4.4, §4.5 | the set of destinations steered into the tunnel |
+//! | [`nft`] | §4.4 | the `inet kubespan` nftables script |
 //! | [`ipset`] | §7, §4.4 | the IP set arithmetic they share |
 
 use std::net::IpAddr;
@@ -15,6 +16,7 @@ use std::net::IpAddr;
 pub mod endpoints;
 pub mod ipset;
 pub mod merge;
+pub mod nft;
 pub mod peerspec;
 pub mod peerstate;
 pub mod routed;
