@@ -9,7 +9,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
-use super::{ULA_SIDEROLINK, is_ula};
+use crate::core::ula::{UlaPurpose, is_ula};
 
 /// One parsed `filters.endpoints` entry: a network, and whether it includes or excludes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,7 +216,7 @@ pub fn advertised_endpoints(inputs: &EndpointInputs<'_>) -> Vec<SocketAddr> {
     // Steps 1-2. Talos reads addresses through NodeAddress.IPs(), which is deduplicated.
     let mut ips: Vec<IpAddr> = Vec::with_capacity(inputs.node_addresses.len() + 1);
     for &ip in inputs.node_addresses {
-        if Some(ip) == ks || is_ula(ip, ULA_SIDEROLINK) || ips.contains(&ip) {
+        if Some(ip) == ks || is_ula(ip, UlaPurpose::SideroLink) || ips.contains(&ip) {
             continue;
         }
         ips.push(ip);

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use super::ipset::IpSet;
 use super::peerspec::PeerSpec;
 use super::peerstate::{PeerState, PeerStatus};
-use super::{ULA_KUBESPAN, is_ula};
+use crate::core::ula::{UlaPurpose, is_ula};
 
 /// Minimal prefix lists per family, ascending.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -38,7 +38,7 @@ pub fn routed_set(
             force_routing || statuses.get(*key).is_some_and(|s| s.state == PeerState::Up)
         })
         .flat_map(|(_, spec)| spec.allowed_ips.iter().copied())
-        .filter(|net| !is_ula(net.network(), ULA_KUBESPAN));
+        .filter(|net| !is_ula(net.network(), UlaPurpose::KubeSpan));
     let set = IpSet::from_prefixes(prefixes);
     RoutedSet {
         v4: set.v4_prefixes(),
