@@ -19,18 +19,25 @@ fn union_into<T: PartialEq + Clone>(base: &mut Vec<T>, extra: &[T]) {
     }
 }
 
-/// Talos `machine.Type` parse failures and `unknown` both end up as `TypeUnknown`, which
-/// never overrides.
-fn machine_type_known(machine_type: &str) -> bool {
-    !machine_type.is_empty() && machine_type != "unknown"
+/// The machine type as Talos holds it after decoding (`machine.ParseType`): `init`,
+/// `controlplane`, `worker`, or `unknown`. `join` and the empty string are `worker`; anything
+/// unrecognised is `unknown` (Talos ignores the parse error).
+pub fn canonical_machine_type(machine_type: &str) -> &'static str {
+    match machine_type {
+        "init" => "init",
+        "controlplane" => "controlplane",
+        "worker" | "join" | "" => "worker",
+        _ => "unknown",
+    }
 }
 
 /// Talos `AffiliateSpec.Merge`: folds `other` into `base`.
 ///
 /// Lists are unioned order-preserving (addresses, additional addresses, exclude networks,
 /// endpoints); hostname, nodename, machine type, public key, KubeSpan address and control
-/// plane are overridden when `other` has a value. The operating system is *not* merged:
-/// Talos keeps the first source's value.
+/// plane are overridden when `other` has a value (for the machine type: when it is not
+/// `unknown` after [`canonical_machine_type`]). The operating system is *not* merged: Talos
+/// keeps the first source's value.
 pub fn merge_into(base: &mut AffiliateSpec, other: &AffiliateSpec) {
     union_into(&mut base.addresses, &other.addresses);
 
@@ -43,8 +50,9 @@ pub fn merge_into(base: &mut AffiliateSpec, other: &AffiliateSpec) {
     if !other.nodename.is_empty() {
         base.nodename.clone_from(&other.nodename);
     }
-    if machine_type_known(&other.machine_type) {
-        base.machine_type.clone_from(&other.machine_type);
+    let other_type = canonical_machine_type(&other.machine_type);
+    if other_type != "unknown" {
+        base.machine_type = other_type.to_owned();
     }
 
     // Talos' KubeSpan block is a plain struct whose zero value means "none"; `None` here.
@@ -75,7 +83,7 @@ pub fn merge_into(base: &mut AffiliateSpec, other: &AffiliateSpec) {
 /// affiliate per node ID.
 ///
 /// Raw IDs are processed in ascending order, so `k8s/…` is the base and `service/…` is folded
-/// into it. Grouping is by the affiliate's own `node_id`, not by the raw ID's suffix, as in
+/// into it. Machine types come out canonical ([`canonical_machine_type`]). Grouping is by the affiliate's own `node_id`, not by the raw ID's suffix, as in
 /// Talos. Raw affiliates with an empty node ID are skipped: they cannot be keyed. A node whose
 /// raw sources are all gone is simply absent from the result.
 pub fn merge_affiliates(raw: &BTreeMap<String, AffiliateSpec>) -> BTreeMap<String, AffiliateSpec> {
@@ -87,7 +95,10 @@ pub fn merge_affiliates(raw: &BTreeMap<String, AffiliateSpec>) -> BTreeMap<Strin
         match merged.get_mut(&spec.node_id) {
             Some(base) => merge_into(base, spec),
             None => {
-                merged.insert(spec.node_id.clone(), spec.clone());
+                // Talos decodes every raw record's machine type into its enum first.
+                let mut base = spec.clone();
+                base.machine_type = canonical_machine_type(&spec.machine_type).to_owned();
+                merged.insert(spec.node_id.clone(), base);
             }
         }
     }
@@ -328,6 +339,43 @@ mod tests {
             ["1.1.1.1/32", "8.8.8.8/32"]
         );
         assert_eq!(ks.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn machine_types_are_canonical_and_only_known_ones_override() {
+        let rec = |raw_id: &str, machine_type: &str| {
+            (
+                raw_id.to_string(),
+                AffiliateSpec {
+                    node_id: "n".into(),
+                    machine_type: machine_type.into(),
+                    ..Default::default()
+                },
+            )
+        };
+        let merged = |records: &[(&str, &str)]| {
+            let raw: BTreeMap<_, _> = records.iter().map(|(id, t)| rec(id, t)).collect();
+            merge_affiliates(&raw)["n"].machine_type.clone()
+        };
+        assert_eq!(merged(&[("k8s/n", "join")]), "worker");
+        assert_eq!(merged(&[("k8s/n", "bogus")]), "unknown");
+        assert_eq!(
+            merged(&[("k8s/n", "controlplane"), ("service/n", "unknown")]),
+            "controlplane"
+        );
+        assert_eq!(
+            merged(&[("k8s/n", "controlplane"), ("service/n", "bogus")]),
+            "controlplane"
+        );
+        assert_eq!(
+            merged(&[("k8s/n", "unknown"), ("service/n", "init")]),
+            "init"
+        );
+        // Talos parses an empty machine type as worker, so it does override.
+        assert_eq!(
+            merged(&[("k8s/n", "controlplane"), ("service/n", "")]),
+            "worker"
+        );
     }
 
     #[test]
