@@ -5,5 +5,6 @@
 
 pub mod core;
 pub mod discovery;
+pub mod kubespan;
 pub mod proto;
 pub mod util;
