@@ -31,8 +31,18 @@ impl Drop for Server {
 
 fn spawn(bin: &str) -> (Server, SocketAddr) {
     let mut child = Command::new(bin)
-        .args(["discovery-service", "--addr", "127.0.0.1:0", "--landing-addr="])
-        .args(["--metrics-addr=", "--snapshots-enabled=false", "--rate-limit", "0"])
+        .args([
+            "discovery-service",
+            "--addr",
+            "127.0.0.1:0",
+            "--landing-addr=",
+        ])
+        .args([
+            "--metrics-addr=",
+            "--snapshots-enabled=false",
+            "--rate-limit",
+            "0",
+        ])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
@@ -151,11 +161,11 @@ async fn fanout(addr: SocketAddr) -> (Duration, Duration, Duration) {
             s.message().await.expect("snapshot");
             let _ = rtx.send(());
             while let Ok(Some(m)) = s.message().await {
-                if let Some(a) = m.affiliates.first() {
-                    if a.data.len() >= 8 {
-                        let seq = u64::from_le_bytes(a.data[..8].try_into().unwrap());
-                        let _ = tx.send((seq, Instant::now()));
-                    }
+                if let Some(a) = m.affiliates.first()
+                    && a.data.len() >= 8
+                {
+                    let seq = u64::from_le_bytes(a.data[..8].try_into().unwrap());
+                    let _ = tx.send((seq, Instant::now()));
                 }
             }
         });
@@ -208,7 +218,11 @@ async fn memory(addr: SocketAddr, pid: u32) -> (u64, u64, u64) {
             let mut c = connect(addr).await;
             for cl in (part..CLUSTERS).step_by(4) {
                 for a in 0..AFFILIATES {
-                    let req = update(format!("mem-{cl:04}"), format!("node-{a}"), vec![a as u8; DATA]);
+                    let req = update(
+                        format!("mem-{cl:04}"),
+                        format!("node-{a}"),
+                        vec![a as u8; DATA],
+                    );
                     c.affiliate_update(req).await.expect("update");
                 }
             }
@@ -244,9 +258,15 @@ async fn main() {
     let ratio = loaded as f64 * 1024.0 / payload as f64;
     println!("| measurement | result | target |");
     println!("| --- | --- | --- |");
-    println!("| AffiliateUpdate throughput, 16 clients | {ups:.0} updates/s | ≥ 20,000 updates/s |");
+    println!(
+        "| AffiliateUpdate throughput, 16 clients | {ups:.0} updates/s | ≥ 20,000 updates/s |"
+    );
     println!("| Watch fan-out to 1000 watchers, p50 | {} | |", ms(p50));
-    println!("| Watch fan-out to 1000 watchers, p99 (max) | {} ({}) | ≤ 10 ms |", ms(p99), ms(max));
+    println!(
+        "| Watch fan-out to 1000 watchers, p99 (max) | {} ({}) | ≤ 10 ms |",
+        ms(p99),
+        ms(max)
+    );
     println!("| server RSS idle | {:.1} MiB | |", idle as f64 / 1024.0);
     println!(
         "| server RSS, 1,000 clusters × 10 affiliates × 2 KiB ({:.1} MiB of payload) | {:.1} MiB ({ratio:.2}× payload) | ≤ 3× payload |",

@@ -301,7 +301,9 @@ impl State {
                 // Upstream sets (not raises) the expiration on a data update.
                 entry.expiration = exp;
                 if entry.data != data {
-                    entry.data = data;
+                    // A decoded `Bytes` is a view into the whole receive buffer:
+                    // keep a compact copy so stored data pins nothing else.
+                    entry.data = Bytes::copy_from_slice(&data);
                     changed = true;
                 }
             }
@@ -316,7 +318,7 @@ impl State {
                     break;
                 }
                 entry.endpoints.push(Endpoint {
-                    data: ep,
+                    data: Bytes::copy_from_slice(&ep),
                     expiration: exp,
                 });
                 changed = true;
