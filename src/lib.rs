@@ -3,8 +3,10 @@
 //! The pure core (no sockets, no clocks: `now` is passed in) lives in [`core`] and
 //! the policy modules; I/O adapters and the async shell sit around it.
 
+pub mod config;
 pub mod core;
 pub mod discovery;
+pub mod identity;
 pub mod kubespan;
 pub mod proto;
 pub mod util;
