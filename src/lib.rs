@@ -3,6 +3,7 @@
 //! The pure core (no sockets, no clocks: `now` is passed in) lives in [`core`] and
 //! the policy modules; I/O adapters and the async shell sit around it.
 
+pub mod client;
 pub mod core;
 pub mod discovery;
 pub mod proto;
