@@ -294,12 +294,12 @@ impl Config {
         let discovery_endpoint = if c.discovery.enabled && !c.discovery.registries.service.disabled
         {
             let e = c.discovery.registries.service.endpoint.trim();
-            if e.is_empty() {
-                return Err(bad(
+            crate::client::endpoint::ServiceEndpoint::parse(e).map_err(|err| {
+                bad(
                     "cluster.discovery.registries.service.endpoint",
-                    "empty: set a discovery service URL or disable the service registry".into(),
-                ));
-            }
+                    err.to_string(),
+                )
+            })?;
             Some(e.to_owned())
         } else {
             None
@@ -572,7 +572,7 @@ node:
         let err = parse("cluster:\n  secret: x\n").unwrap_err().to_string();
         assert!(err.contains("cluster.id"), "{err}");
         let err = parse(&format!(
-            "{base}  discovery:\n    registries:\n      service:\n        endpoint: ''\n"
+            "{base}  discovery:\n    registries:\n      service:\n        endpoint: 'ftp://x'\n"
         ))
         .unwrap_err()
         .to_string();

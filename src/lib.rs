@@ -1,8 +1,9 @@
 //! kubespan: a KubeSpan-compatible WireGuard mesh daemon and discovery service.
 //!
 //! The pure core (no sockets, no clocks: `now` is passed in) lives in [`core`] and
-//! the policy modules; I/O adapters and the async shell sit around it.
+//! [`kubespan`]; I/O adapters and the async shell sit around it.
 
+pub mod client;
 pub mod config;
 pub mod core;
 pub mod discovery;
