@@ -6,6 +6,7 @@
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod daemon;
 pub mod discovery;
 pub mod identity;
 pub mod kubespan;

@@ -1,0 +1,4 @@
+//! `kubespan run`: the node daemon.
+
+pub mod local;
+pub mod plan;
