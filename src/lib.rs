@@ -8,6 +8,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod discovery;
+pub mod generate;
 pub mod identity;
 pub mod kubespan;
 pub mod proto;

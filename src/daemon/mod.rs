@@ -1,4 +1,8 @@
 //! `kubespan run`: the node daemon.
 
+pub mod host;
 pub mod local;
 pub mod plan;
+pub mod retain;
+pub mod run;
+pub mod store;
