@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod core;
 pub mod daemon;
+pub mod dataplane;
 pub mod discovery;
 pub mod generate;
 pub mod identity;

@@ -1,3 +1,5 @@
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -13,13 +15,52 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node daemon: publish this node, discover peers, program WireGuard.
+    Run(kubespan::daemon::cli::RunArgs),
+    /// Delete this node from the discovery service (stopping the daemon first),
+    /// so peers drop it at once instead of after the 30-minute TTL.
+    Leave(kubespan::daemon::cli::LeaveArgs),
     /// Run a discovery service (sidero.discovery.server.Cluster gRPC API).
-    DiscoveryService(kubespan::discovery::cli::Args),
+    DiscoveryService(Box<kubespan::discovery::cli::Args>),
+    /// Generate cluster credentials or an example configuration.
+    #[command(subcommand)]
+    Gen(Gen),
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Subcommand)]
+enum Gen {
+    /// Print a fresh cluster.id and cluster.secret (base64 of 32 random bytes each).
+    Cluster,
+    /// Print a commented example config with fresh cluster credentials.
+    Config {
+        /// Discovery service URL to put in the config.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Write to this file (mode 0600, must not exist) instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+fn main() {
     let cli = Cli::parse();
-    match cli.command {
-        Command::DiscoveryService(args) => kubespan::discovery::cli::run(args),
+    let result = match cli.command {
+        Command::Run(args) => kubespan::daemon::cli::run(args),
+        Command::Leave(args) => kubespan::daemon::cli::leave(args),
+        Command::DiscoveryService(args) => kubespan::discovery::cli::run(*args),
+        Command::Gen(Gen::Cluster) => kubespan::generate::cluster().map(|s| print!("{s}")),
+        Command::Gen(Gen::Config { endpoint, output }) => {
+            kubespan::generate::config(endpoint.as_deref()).and_then(|s| match output {
+                None => {
+                    print!("{s}");
+                    Ok(())
+                }
+                Some(path) => kubespan::generate::write_new_private(&path, &s),
+            })
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
     }
 }

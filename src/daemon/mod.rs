@@ -1,5 +1,6 @@
 //! `kubespan run`: the node daemon.
 
+pub mod cli;
 pub mod host;
 pub mod local;
 pub mod plan;
