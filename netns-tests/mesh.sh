@@ -34,7 +34,7 @@ all_handshaked() {
     ks_handshakes_with 1 2 3 && ks_handshakes_with 2 1 3 && ks_handshakes_with 3 1 2
 }
 t=$(ks_wait 60 all_handshaked) || check "every node has a handshake with the other two" false
-ks_log "full mesh handshaked ${t}s after start"
+ks_log "info: full mesh handshaked ${t}s after start"
 
 for n in 1 2 3; do
     peers=$(ks_node_exec "$n" wg show kubespan peers | wc -l)
@@ -111,6 +111,31 @@ done
 check "node4 (wrong secret) has no peers" test "$(ks_node_exec 4 wg show kubespan peers | wc -l)" -eq 0
 check "the mesh still works" ks_node_exec 1 ping -c 2 -W 2 -i 0.2 "$(ks_node_ip 2)"
 ks_node_stop 4
+
+# SIGKILL and restart: same identity, no duplicate rules or routes, converges.
+key2=$(ks_node_exec 2 wg show kubespan public-key)
+kill -KILL "${KS_PID[node2]}"
+wait "${KS_PID[node2]}" 2>/dev/null || true
+unset 'KS_PID[node2]'
+ks_node_start 2
+t=$(ks_wait 30 ks_handshakes_with 2 1 3) || check "node2 converges after SIGKILL and restart" false
+ks_log "info: node2 back ${t}s after a SIGKILL restart"
+check "node2 kept its WireGuard key" test "$(ks_node_exec 2 wg show kubespan public-key)" = "$key2"
+n4=$(ks_node_exec 2 ip rule | grep -c "^32500:")
+n6=$(ks_node_exec 2 ip -6 rule | grep -c "^32500:")
+check "node2: exactly one rule 32500 per family after the crash ($n4, $n6)" test "$n4$n6" = 11
+r=$(ks_node_exec 2 ip route show table 180 | wc -l)
+check "node2: exactly one IPv4 route in table 180 ($r)" test "$r" -eq 1
+check "node1 reaches node2 again" ks_node_exec 1 ping -c 2 -W 2 -i 0.2 "$(ks_node_ip 2)"
+
+# kubespan leave: the node's affiliate is deleted and the others drop it at once.
+key3=$(ks_node_exec 3 wg show kubespan public-key)
+check "node3: kubespan leave succeeds" ip netns exec "${KS_PREFIX}n3" "$KS_BIN" leave --config "$KS_TMP/node3/config.yaml"
+unset 'KS_PID[node3]'
+gone() { ! ks_node_exec "$1" wg show kubespan peers | grep -qF "$key3"; }
+t=$(ks_wait 10 gone 1) || check "node1 drops node3 after it left" false
+check "node2 drops node3 after it left" ks_wait 10 gone 2
+ks_log "info: node3 left; dropped by the others within ${t}s"
 
 # SIGTERM: nothing of ours left in the namespace.
 ns1=${KS_PREFIX}n1
