@@ -60,7 +60,7 @@ fn main() {
         }
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", kubespan::util::error_chain(&e));
         std::process::exit(1);
     }
 }

@@ -53,6 +53,21 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     }
 }
 
+/// An error and its causes on one line, for people. Our error types put their
+/// cause into their own message (so they read well alone), so a cause whose
+/// text is already in the line is not repeated.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !line.contains(&c) {
+            line.push_str(": ");
+            line.push_str(&c);
+        }
+    }
+    line
+}
+
 /// Parses a Go-style duration (`30s`, `1m`, `1m30s`, `500ms`, `2h`).
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
@@ -80,6 +95,15 @@ mod tests {
         );
         assert!(parse_listen_addr(":http").is_err());
         assert!(parse_listen_addr("1.2.3.4").is_err());
+    }
+
+    #[test]
+    fn error_chain_does_not_repeat_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(io).context("cannot read x: no such file");
+        assert_eq!(error_chain(&e), "cannot read x: no such file");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&e), "outer: inner");
     }
 
     #[test]

@@ -378,11 +378,20 @@ async fn dead_endpoints_are_rotated_until_one_works() {
         endpoint_connect_timeout: Duration::from_millis(300),
         ..Timing::default()
     };
-    // b advertises two black holes before its real endpoint.
+    // b advertises two black holes before its real endpoint. a advertises only
+    // an endpoint nobody listens on, so b can never start a handshake (which
+    // would let a's WireGuard learn b's endpoint by roaming): only a's own
+    // rotation can bring the pair up.
     let mut a = node(
         &net,
         &srv,
-        plain("a", &["10.0.0.1"], &["10.0.0.1:51820"]),
+        NodeSpec {
+            name: "a",
+            ips: &["10.0.0.1"],
+            listen: &["10.0.0.1:51820"],
+            extra: &["10.8.8.8:51820"],
+            filters: &["!0.0.0.0/0"],
+        },
         fast,
     )
     .await;

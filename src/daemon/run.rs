@@ -165,7 +165,10 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
                 retained.restore(stored);
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!("ignoring the stored peer set: {e:#}"),
+            Err(e) => tracing::warn!(
+                "ignoring the stored peer set: {}",
+                crate::util::error_chain(&e)
+            ),
         }
         let (view, rx) = watch::channel(NodeView {
             node_id: setup.node_id.clone(),
@@ -244,7 +247,10 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
                     self.addresses = new;
                 }
             }
-            Err(e) => tracing::warn!("cannot read host addresses: {e:#}"),
+            Err(e) => tracing::warn!(
+                "cannot read host addresses: {}",
+                crate::util::error_chain(&e)
+            ),
         }
     }
 
@@ -285,7 +291,10 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
             Ok(o) => o,
             Err(e) => {
                 errors += 1;
-                tracing::warn!("cannot read the WireGuard device: {e:#}");
+                tracing::warn!(
+                    "cannot read the WireGuard device: {}",
+                    crate::util::error_chain(&e)
+                );
                 BTreeMap::new()
             }
         };
@@ -316,7 +325,10 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
                 Ok(()) => self.applied_peers = Some(p.peers.clone()),
                 Err(e) => {
                     errors += 1;
-                    tracing::warn!("cannot configure WireGuard peers (retrying): {e:#}");
+                    tracing::warn!(
+                        "cannot configure WireGuard peers (retrying): {}",
+                        crate::util::error_chain(&e)
+                    );
                 }
             }
         }
@@ -329,7 +341,10 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
                 Ok(()) => self.applied_routed = Some(p.routed.clone()),
                 Err(e) => {
                     errors += 1;
-                    tracing::warn!("cannot apply the nftables ruleset (retrying): {e:#}");
+                    tracing::warn!(
+                        "cannot apply the nftables ruleset (retrying): {}",
+                        crate::util::error_chain(&e)
+                    );
                 }
             }
         }
@@ -414,7 +429,10 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
 
     fn save_store(&self) {
         if let Err(e) = store::save(&self.store_path, &self.cipher, self.retained.affiliates()) {
-            tracing::warn!("cannot save the peer set to the state directory: {e:#}");
+            tracing::warn!(
+                "cannot save the peer set to the state directory: {}",
+                crate::util::error_chain(&e)
+            );
         }
     }
 }

@@ -176,7 +176,8 @@ impl DataPlane for LinuxDataPlane {
         routing::ensure_rules(&self.handle, RULE).await?;
         if let Err(e) = disable_rp_filter(&link.interface) {
             tracing::warn!(
-                "{e:#}; decrypted IPv4 traffic may be dropped by reverse-path filtering"
+                "{}; decrypted IPv4 traffic may be dropped by reverse-path filtering",
+                crate::util::error_chain(&e)
             );
         }
         check_forwarding();
@@ -213,7 +214,7 @@ impl DataPlane for LinuxDataPlane {
         let mut first: Option<anyhow::Error> = None;
         let mut note = |r: anyhow::Result<()>| {
             if let Err(e) = r {
-                tracing::warn!("teardown: {e:#}");
+                tracing::warn!("teardown: {}", crate::util::error_chain(&e));
                 first.get_or_insert(e);
             }
         };
