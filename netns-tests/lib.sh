@@ -160,6 +160,7 @@ ks_node_stop() {
     local rc=0
     wait "$pid" || rc=$?
     unset "KS_PID[node$n]"
+    ((rc == 0)) || ks_log "node$n exited with status $rc"
     return $rc
 }
 

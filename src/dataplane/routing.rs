@@ -194,12 +194,10 @@ pub async fn ensure_rules(handle: &Handle, spec: RuleSpec) -> Result<(), Routing
 pub async fn remove_rules(handle: &Handle, spec: RuleSpec) -> Result<(), RoutingError> {
     for v in [IpVersion::V4, IpVersion::V6] {
         for r in our_rules(handle, v, spec).await? {
-            handle
-                .rule()
-                .del(r)
-                .execute()
-                .await
-                .map_err(nl("remove the fwmark rule"))?;
+            match handle.rule().del(r).execute().await {
+                Err(e) if !already_gone(&e) => return Err(nl("remove the fwmark rule")(e)),
+                _ => {}
+            }
         }
     }
     Ok(())
@@ -233,21 +231,31 @@ pub async fn remove_routes(handle: &Handle) -> Result<(), RoutingError> {
             }
         }
         for r in ours {
-            // The route may already be gone with its link.
-            let _ = handle.route().del(r).execute().await;
+            match handle.route().del(r).execute().await {
+                // The route may already be gone with its link.
+                Err(e) if !already_gone(&e) => return Err(nl("remove a route of table 180")(e)),
+                _ => {}
+            }
         }
     }
     Ok(())
 }
 
+/// True for "no such device/entry": whatever we wanted deleted is gone already.
+fn already_gone(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m)
+        if [nix::libc::ENODEV, nix::libc::ENOENT, nix::libc::ESRCH].contains(&-m.raw_code()))
+}
+
+/// Deletes the link if it exists. A userspace device's link disappears on its
+/// own while its threads wind down, so it may vanish between the lookup and
+/// the delete: that is success, not an error.
 pub async fn delete_link(handle: &Handle, name: &str) -> Result<(), RoutingError> {
     if let Some(index) = link_index(handle, name).await? {
-        handle
-            .link()
-            .del(index)
-            .execute()
-            .await
-            .map_err(nl(format!("delete link {name}")))?;
+        match handle.link().del(index).execute().await {
+            Err(e) if !already_gone(&e) => return Err(nl(format!("delete link {name}"))(e)),
+            _ => {}
+        }
     }
     Ok(())
 }
