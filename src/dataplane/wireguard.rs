@@ -253,11 +253,20 @@ impl WireGuard {
             if current.is_some_and(|c| peer_matches(c, &psk, d)) {
                 continue;
             }
+            // boringtun cannot modify a peer (a `set` for a known key trips an
+            // assert in its worker thread): remove and re-add it, keeping the
+            // endpoint WireGuard has when none is wanted, so a roamed endpoint
+            // survives. Kernel WireGuard updates peers in place.
+            let mut endpoint = d.endpoint;
+            if let (Some(c), BackendKind::Userspace) = (current, self.kind) {
+                endpoint = endpoint.or(c.endpoint);
+                self.with_api("replace peer", |a| a.remove_peer(&key))?;
+            }
             let peer = Peer {
                 public_key: key,
                 preshared_key: Some(psk.clone()),
                 protocol_version: None,
-                endpoint: d.endpoint,
+                endpoint,
                 last_handshake: None,
                 tx_bytes: 0,
                 rx_bytes: 0,
