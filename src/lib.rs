@@ -4,6 +4,7 @@
 //! the policy modules; I/O adapters and the async shell sit around it.
 
 pub mod core;
+pub mod dataplane;
 pub mod discovery;
 pub mod proto;
 pub mod util;
