@@ -7,10 +7,12 @@
 
 pub mod key;
 pub mod netlink;
+pub mod routing;
 pub mod wireguard;
 
 pub use key::{KeyError, PresharedKey, PrivateKey, PublicKey};
 pub use netlink::{LinkState, Netlink};
+pub use routing::{NetlinkRouting, RoutingBackend, RoutingError, RoutingSpec, RoutingSummary};
 pub use wireguard::{
     AnyBackend, ApplySummary, BackendChoice, BackendKind, DeviceConfig, DeviceState, KernelBackend,
     PeerConfig, PeerState, UserspaceBackend, WireGuardBackend, WireGuardError,
