@@ -7,12 +7,16 @@
 
 pub mod key;
 pub mod netlink;
+pub mod nftables;
 pub mod routing;
+pub mod sysctl;
 pub mod wireguard;
 
 pub use key::{KeyError, PresharedKey, PrivateKey, PublicKey};
 pub use netlink::{LinkState, Netlink};
+pub use nftables::{FirewallBackend, Nft, NftError};
 pub use routing::{NetlinkRouting, RoutingBackend, RoutingError, RoutingSpec, RoutingSummary};
+pub use sysctl::{Forwarding, ProcSysctl, RpFilter, SysctlBackend, SysctlError};
 pub use wireguard::{
     AnyBackend, ApplySummary, BackendChoice, BackendKind, DeviceConfig, DeviceState, KernelBackend,
     PeerConfig, PeerState, UserspaceBackend, WireGuardBackend, WireGuardError,
