@@ -1037,7 +1037,9 @@ fn read_stdin_line() -> String {
 /// Pings until one answer comes back; on timeout, panics with the node's state.
 fn ping_until(target: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
-    while !succeeds(&format!("ping -c 1 -W 1 {target}")) {
+    // A generous reply wait: under emulation (scripts/vm-test) a round trip
+    // through two boringtun instances can take seconds.
+    while !succeeds(&format!("ping -c 1 -W 5 {target}")) {
         if Instant::now() > deadline {
             let state = run(
                 "wg show; ip addr; ip rule; ip route show table all; nft list ruleset; \
@@ -1076,7 +1078,8 @@ async fn tunnel_node() {
         me.veth_ip, me.pod_ip, other.veth_ip
     ));
 
-    let plane = DataPlane::system(BackendChoice::Userspace, LINK).unwrap();
+    let backend: BackendChoice = std::env::var("BACKEND").unwrap().parse().unwrap();
+    let plane = DataPlane::system(backend, LINK).unwrap();
     let other_pods = format!(
         "{}/24",
         other.pod_ip.rsplit_once('.').unwrap().0.to_owned() + ".0"
@@ -1100,7 +1103,7 @@ async fn tunnel_node() {
 
     // Through the tunnel: v4 via mark 0x40 -> rule 32500 -> table 180, v6 on-link.
     for target in [other.pod_ip, other.veth_ip, other.ula] {
-        ping_until(target, Duration::from_secs(30));
+        ping_until(target, Duration::from_secs(60));
     }
 
     let state = plane.read_device().await.unwrap();
@@ -1148,7 +1151,7 @@ async fn tunnel_node() {
     let repaired = plane.apply(&want).await.unwrap();
     assert!(repaired.rp_filter.unwrap().changed && repaired.wireguard.is_noop());
     // (Retried: the peer may be inside its own rp_filter=2 window right now.)
-    ping_until(other.pod_ip, Duration::from_secs(30));
+    ping_until(other.pod_ip, Duration::from_secs(60));
 
     say("@@ PINGED");
     assert_eq!(read_stdin_line(), "TEARDOWN");
@@ -1157,27 +1160,19 @@ async fn tunnel_node() {
     say("@@ DONE");
 }
 
-#[test]
-fn two_userspace_nodes_tunnel_over_a_veth() {
-    const TEST: &str = "two_userspace_nodes_tunnel_over_a_veth";
-    if std::env::var(CHILD_ENV).as_deref() == Ok(TEST) {
-        runtime().block_on(tunnel_node());
-        return;
-    }
-    if !is_root() {
-        eprintln!("SKIP {TEST}: needs root");
-        return;
-    }
+/// Parent side: two nodes in two namespaces, joined by a veth pair.
+fn run_tunnel(test: &str, backend_a: &str, backend_b: &str) {
     let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
-    let env = |node: &str, own: &PrivateKey, other: &PrivateKey| {
+    let env = |node: &str, backend: &str, own: &PrivateKey, other: &PrivateKey| {
         vec![
             ("NODE", node.to_owned()),
+            ("BACKEND", backend.to_owned()),
             ("OWN_KEY", own.expose_base64()),
             ("PEER_KEY", other.expose_base64()),
         ]
     };
-    let mut a = Isolated::spawn(TEST, &env("a", &ka, &kb));
-    let mut b = Isolated::spawn(TEST, &env("b", &kb, &ka));
+    let mut a = Isolated::spawn(test, &env("a", backend_a, &ka, &kb));
+    let mut b = Isolated::spawn(test, &env("b", backend_b, &kb, &ka));
     a.expect_line("@@ READY", Duration::from_secs(30));
     b.expect_line("@@ READY", Duration::from_secs(30));
     // Both are in their namespaces now. Create the veth pair straight into them
@@ -1197,8 +1192,8 @@ fn two_userspace_nodes_tunnel_over_a_veth() {
     a.send("GO");
     b.send("GO");
     if let Err(e) = a
-        .try_expect_line("@@ PINGED", Duration::from_secs(90))
-        .and_then(|_| b.try_expect_line("@@ PINGED", Duration::from_secs(90)))
+        .try_expect_line("@@ PINGED", Duration::from_secs(120))
+        .and_then(|_| b.try_expect_line("@@ PINGED", Duration::from_secs(120)))
     {
         std::thread::sleep(Duration::from_millis(500));
         panic!(
@@ -1209,8 +1204,8 @@ fn two_userspace_nodes_tunnel_over_a_veth() {
     }
     a.send("TEARDOWN");
     b.send("TEARDOWN");
-    let (sa, la) = a.wait(Duration::from_secs(30));
-    let (sb, lb) = b.wait(Duration::from_secs(30));
+    let (sa, la) = a.wait(Duration::from_secs(60));
+    let (sb, lb) = b.wait(Duration::from_secs(60));
     assert!(
         sa.success() && la.contains("@@ DONE"),
         "node a ({sa}):\n{la}"
@@ -1219,6 +1214,100 @@ fn two_userspace_nodes_tunnel_over_a_veth() {
         sb.success() && lb.contains("@@ DONE"),
         "node b ({sb}):\n{lb}"
     );
+}
+
+#[test]
+fn two_userspace_nodes_tunnel_over_a_veth() {
+    const TEST: &str = "two_userspace_nodes_tunnel_over_a_veth";
+    if std::env::var(CHILD_ENV).as_deref() == Ok(TEST) {
+        runtime().block_on(tunnel_node());
+        return;
+    }
+    if !is_root() {
+        eprintln!("SKIP {TEST}: needs root");
+        return;
+    }
+    run_tunnel(TEST, "userspace", "userspace");
+}
+
+/// Kernel WireGuard on one side, embedded boringtun on the other.
+#[test]
+fn kernel_and_userspace_nodes_tunnel_over_a_veth() {
+    const TEST: &str = "kernel_and_userspace_nodes_tunnel_over_a_veth";
+    if std::env::var(CHILD_ENV).as_deref() == Ok(TEST) {
+        runtime().block_on(tunnel_node());
+        return;
+    }
+    if !is_root() {
+        eprintln!("SKIP {TEST}: needs root");
+        return;
+    }
+    if !detect_kernel_support() {
+        eprintln!("SKIP {TEST}: this kernel has no WireGuard module (scripts/vm-test runs it)");
+        return;
+    }
+    run_tunnel(TEST, "kernel", "userspace");
+}
+
+/// A kernel link outlives a crashed daemon: the next one adopts it without
+/// touching sessions, and a key rotation (the one full rewrite defguard can do,
+/// which flushes the link's addresses) still leaves the ULA in place.
+#[test]
+fn kernel_link_is_adopted_after_a_crash_and_survives_key_rotation() {
+    if !isolate("kernel_link_is_adopted_after_a_crash_and_survives_key_rotation") {
+        return;
+    }
+    if !detect_kernel_support() {
+        eprintln!("SKIP: this kernel has no WireGuard module (scripts/vm-test runs it)");
+        return;
+    }
+    runtime().block_on(async {
+        let (own, p1) = (PrivateKey::generate(), PrivateKey::generate());
+        let want = desired(
+            &own,
+            vec![peer(&p1, &["10.0.0.1/32"], Some("192.0.2.10:51820"))],
+            ULA_A,
+            "10.0.0.1",
+        );
+        let first = DataPlane::system(BackendChoice::Kernel, LINK).unwrap();
+        first.apply(&want).await.unwrap();
+        let index = sh(&format!("ip -o link show {LINK} | cut -d: -f1"));
+        drop(first); // a crash: nothing torn down
+
+        let second = DataPlane::system(BackendChoice::Kernel, LINK).unwrap();
+        let report = second.apply(&want).await.unwrap();
+        assert!(report.wireguard.is_noop(), "{:?}", report.wireguard);
+        assert!(report.routing.is_noop(), "{:?}", report.routing);
+        assert_eq!(
+            sh(&format!("ip -o link show {LINK} | cut -d: -f1")),
+            index,
+            "adopted"
+        );
+
+        let rotated = DesiredDataPlane {
+            device: DeviceConfig {
+                private_key: PrivateKey::generate(),
+                ..want.device.clone()
+            },
+            ..want.clone()
+        };
+        let report = second.apply(&rotated).await.unwrap();
+        assert!(report.wireguard.peers_replaced);
+        let dump = wg_dump();
+        assert_eq!(
+            dump.interface[1],
+            rotated.device.private_key.public_key().to_base64()
+        );
+        assert_eq!(dump.peer(&p1)[2], "192.0.2.10:51820");
+        let addrs = sh(&format!("ip -6 addr show dev {LINK}"));
+        assert!(
+            addrs.contains(&format!("{ULA_A}/64")),
+            "ULA back after the flush: {addrs}"
+        );
+
+        second.teardown().await.unwrap();
+        assert_nothing_left();
+    });
 }
 
 // ---------------------------------------------------------------------------

@@ -597,6 +597,12 @@ impl UserspaceBackend {
         if socket_is_live(&path) {
             return Err(WireGuardError::SocketInUse { path });
         }
+        if !Path::new("/dev/net/tun").exists() {
+            return Err(WireGuardError::Create {
+                name: self.name.clone(),
+                reason: "/dev/net/tun does not exist (load the tun module: modprobe tun)".into(),
+            });
+        }
         let name = self.name.clone();
         let created = blocking(&self.name, "create", move || create_userspace_device(&name))
             .await?
