@@ -88,7 +88,7 @@ impl Isolated {
                 "-c",
             ])
             .arg(
-                "mount -t tmpfs -o mode=0755 kubespan-test /run && mkdir /run/wireguard \
+                "mount -n -t tmpfs -o mode=0755 kubespan-test /run && mkdir /run/wireguard \
                  && ip link set lo up && exec \"$@\"",
             )
             .arg("sh")
