@@ -146,8 +146,10 @@ EOF
 ks_node_start() {
     local n=$1 ns=${KS_PREFIX}n$1 dir=$KS_TMP/node$1
     [[ -f $dir/config.yaml ]] || ks_node_config "$n"
+    # A private /run: the node's WireGuard socket (and anything else it keeps
+    # there) lives in its own tmpfs and nothing is created on the host's /run.
     ip netns exec "$ns" unshare --mount --propagation private -- sh -c '
-        mkdir -p /var/run/wireguard && mount -t tmpfs kubespan-wg /var/run/wireguard &&
+        mount -n -t tmpfs kubespan-run /run && mkdir -p /run/wireguard &&
         exec "$0" run --config "$1"' "$KS_BIN" "$dir/config.yaml" >>"$dir/daemon.log" 2>&1 &
     KS_PID[node$n]=$!
 }

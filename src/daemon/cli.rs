@@ -9,16 +9,14 @@ use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::watch;
 
 use super::host::Host;
+use super::linux::{LinuxDataPlane, backend_choice};
 use super::local::HostAddress;
 use super::plan::Polling;
 use super::run::{HostFacts, Node, NodeSetup, Stop};
 use crate::client::endpoint::ServiceEndpoint;
 use crate::client::{self, DiscoveryClient};
-use crate::config::{Backend, DEFAULT_CONFIG_PATH, Settings};
+use crate::config::{DEFAULT_CONFIG_PATH, Settings};
 use crate::core::cipher::ClusterCipher;
-use crate::dataplane::LinuxDataPlane;
-use crate::dataplane::routing;
-use crate::dataplane::wireguard::BackendKind;
 use crate::identity;
 use crate::kubespan::peerstate::Timing;
 
@@ -138,35 +136,18 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     let link = identity::address_link(&infos, settings.address_link.as_deref())?;
     let kubespan_address = identity::kubespan_address(&settings.cluster_id, link)?;
 
-    let (nl, handle, _) = rtnetlink::new_connection()?;
-    tokio::spawn(nl);
-    let kind = match settings.backend {
-        Backend::Kernel => BackendKind::Kernel,
-        Backend::Userspace => BackendKind::Userspace,
-        Backend::Auto => {
-            if routing::kernel_wireguard_available(&handle).await {
-                BackendKind::Kernel
-            } else {
-                tracing::info!(
-                    "the kernel has no WireGuard support: using the embedded userspace backend"
-                );
-                BackendKind::Userspace
-            }
-        }
-    };
-    LinuxDataPlane::clean_leftovers(&handle, &settings.interface)
-        .await
-        .context("cannot clean up what a previous run left behind")?;
+    // Builds the backend (`auto` probes kernel WireGuard in a throwaway
+    // namespace); what a crashed run left behind is adopted by the first apply.
+    let dp = LinuxDataPlane::new(backend_choice(settings.backend), &settings.interface)?;
     tracing::info!(
         node_id = %node_id,
         public_key = %keys.public_key,
         address = %kubespan_address,
         address_link = %link.name,
-        backend = kind.as_str(),
+        backend = ?dp.backend(),
         "starting"
     );
     let client = discovery_client(&settings, &node_id)?;
-    let dp = LinuxDataPlane::new(handle, kind, &settings.interface);
     let os = super::local::operating_system(
         &std::fs::read_to_string("/etc/os-release").unwrap_or_default(),
     );

@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod host;
+pub mod linux;
 pub mod local;
 pub mod plan;
 pub mod retain;

@@ -1,247 +1,502 @@
-//! The Linux data plane: the WireGuard link, its address, table 180, the fwmark
-//! rules, our nftables table and rp_filter, applied as idempotent diffs.
+//! Linux data-plane adapters: the WireGuard device, the KubeSpan address, routing
+//! table 180 and its fwmark rules, our nftables table, and `rp_filter`.
+//!
+//! Each adapter sits behind a small trait ([`WireGuardBackend`], [`RoutingBackend`],
+//! [`FirewallBackend`], [`SysctlBackend`]) so the daemon's reconcile loop can run
+//! against fakes; [`DataPlane`] composes them into the two calls the daemon makes:
+//! [`DataPlane::apply`] and [`DataPlane::teardown`]. Everything is idempotent:
+//! applying the same desired state twice changes nothing the second time.
 
+pub mod key;
+pub mod netlink;
+pub mod nftables;
 pub mod routing;
+pub mod sysctl;
 pub mod wireguard;
 
-use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::net::Ipv6Addr;
+use std::sync::{Mutex, PoisonError};
 
-use anyhow::Context;
-use rtnetlink::Handle;
-
-use crate::daemon::plan::DesiredPeer;
-use crate::daemon::run::{DataPlane, LinkPlan};
-use crate::kubespan::peerstate::WgObservation;
-use crate::kubespan::{FORCE_FWMARK, FWMARK_MASK};
-use routing::RuleSpec;
-use wireguard::{BackendKind, WireGuard};
-
-const RULE: RuleSpec = RuleSpec {
-    fwmark: FORCE_FWMARK,
-    mask: FWMARK_MASK,
+pub use key::{KeyError, PresharedKey, PrivateKey, PublicKey};
+pub use netlink::{LinkState, Netlink};
+pub use nftables::{FirewallBackend, Nft, NftError};
+pub use routing::{NetlinkRouting, RoutingBackend, RoutingError, RoutingSpec, RoutingSummary};
+pub use sysctl::{Forwarding, ProcSysctl, RpFilter, SysctlBackend, SysctlError};
+pub use wireguard::{
+    AnyBackend, ApplySummary, BackendChoice, BackendKind, DeviceConfig, DeviceState, KernelBackend,
+    PeerConfig, PeerState, UserspaceBackend, WireGuardBackend, WireGuardError,
+    detect_kernel_support,
 };
 
-/// Runs `nft -f -` with `script`; the error carries nft's own message.
-pub fn nft_apply(script: &str) -> anyhow::Result<()> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run nft (install the nftables package)")?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(script.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "nft -f failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+/// Talos constants (spec §2, §4). Not configurable there, so not here either.
+/// The marks are KubeSpan policy; the data plane only programs them.
+pub use crate::kubespan::{FORCE_FWMARK, FWMARK_MASK, WIREGUARD_FWMARK};
+
+pub const DEFAULT_LINK_NAME: &str = "kubespan";
+pub const DEFAULT_MTU: u32 = 1420;
+pub const LISTEN_PORT: u16 = 51820;
+pub const ROUTING_TABLE: u32 = 180;
+pub const RULE_PRIORITY: u32 = 32500;
+/// Metric of the table-180 default routes.
+pub const ROUTE_METRIC: u32 = 1;
+pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
+pub const NFT_FAMILY: &str = "inet";
+pub const NFT_TABLE: &str = "kubespan";
+
+/// Everything the data plane converges to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredDataPlane {
+    /// Link MTU, and route MTU in table 180.
+    pub mtu: u32,
+    pub device: DeviceConfig,
+    /// This node's KubeSpan ULA (assigned as /64).
+    pub address: Ipv6Addr,
+    /// A complete, self-replacing `nft -f` script for our table.
+    pub nftables: String,
 }
 
-/// Deletes our nftables table; absent is fine.
-pub fn nft_remove_table() -> anyhow::Result<()> {
-    let out = Command::new("nft")
-        .args(["delete", "table", "inet", "kubespan"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .context("cannot run nft (install the nftables package)")?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() || err.contains("No such file") {
-        return Ok(());
-    }
-    anyhow::bail!("nft delete table inet kubespan failed: {}", err.trim())
+/// What one `apply` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataPlaneReport {
+    pub link: LinkState,
+    pub wireguard: ApplySummary,
+    pub routing: RoutingSummary,
+    /// `None` when it could not be set or read (see `warnings`).
+    pub rp_filter: Option<RpFilter>,
+    /// `None` when it could not be read (see `warnings`).
+    pub forwarding: Option<Forwarding>,
+    /// Problems that did not stop the apply, already logged.
+    pub warnings: Vec<String>,
 }
 
-/// Turns reverse-path filtering off on our link. Decrypted packets arrive with
-/// a peer's node IP as source, whose route back is the NIC. Even *loose* mode
-/// (2) drops them: the kernel's `fib_validate_source` rejects packets arriving
-/// on an interface without an IPv4 address (our link has none, as on Talos) for
-/// any non-zero setting. IPv4 uses the larger of `all` and the interface, so a
-/// non-zero `all` still breaks the mesh: that is reported, not changed behind
-/// the administrator's back.
-pub fn disable_rp_filter(ifname: &str) -> anyhow::Result<()> {
-    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/rp_filter");
-    std::fs::write(&path, "0").with_context(|| format!("cannot write {path}"))?;
-    let all = std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").unwrap_or_default();
-    if all.trim() != "0" && !all.trim().is_empty() {
-        tracing::warn!(
-            "net.ipv4.conf.all.rp_filter is {}: IPv4 traffic from peers' node addresses will be \
-             dropped on {ifname}; set it to 0 (sysctl -w net.ipv4.conf.all.rp_filter=0) and use \
-             per-interface settings instead",
-            all.trim()
-        );
-    }
-    Ok(())
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error(transparent)]
+    WireGuard(#[from] WireGuardError),
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
+    #[error(transparent)]
+    Firewall(#[from] NftError),
+    #[error("teardown left things behind: {}", .0.join("; "))]
+    Teardown(Vec<String>),
 }
 
-/// Warns when forwarding is off (pod traffic through the mesh needs it).
-pub fn check_forwarding() {
-    for (path, what) in [
-        ("/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward"),
-        (
-            "/proc/sys/net/ipv6/conf/all/forwarding",
-            "net.ipv6.conf.all.forwarding",
-        ),
-    ] {
-        if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0") {
-            tracing::info!(
-                "{what} is 0: this host does not forward traffic for pods or other hosts through the mesh"
-            );
-        }
-    }
+/// The adapters, composed.
+#[derive(Debug)]
+pub struct DataPlane<W, R, F, S> {
+    wireguard: W,
+    routing: R,
+    firewall: F,
+    sysctl: S,
+    /// The address we last assigned, so teardown removes exactly it.
+    address: Mutex<Option<Ipv6Addr>>,
+    /// Warnings of the last apply, so a standing problem is logged once.
+    warned: Mutex<Vec<String>>,
 }
 
-/// Makes WireGuard start a handshake with a peer now: kernel WireGuard sends
-/// one when persistent keepalive is configured, boringtun only on traffic or at
-/// the first keepalive (25 s later). One empty datagram to the peer's KubeSpan
-/// address (discard port) goes through the tunnel and triggers it, for either.
-fn poke(peer: &DesiredPeer) {
-    let Some(target) = peer.allowed_ips.iter().find_map(|n| match n {
-        ipnet::IpNet::V6(v6)
-            if v6.prefix_len() == 128
-                && crate::core::ula::is_ula(
-                    v6.addr().into(),
-                    crate::core::ula::UlaPurpose::KubeSpan,
-                ) =>
-        {
-            Some(std::net::SocketAddr::new(v6.addr().into(), 9))
-        }
-        _ => None,
-    }) else {
-        return;
-    };
-    match std::net::UdpSocket::bind("[::]:0").and_then(|s| s.send_to(&[], target)) {
-        Ok(_) => tracing::debug!(peer = %peer.public_key, %target, "handshake poke"),
-        Err(e) => tracing::debug!(peer = %peer.public_key, %target, "handshake poke failed: {e}"),
+/// The production composition.
+pub type SystemDataPlane = DataPlane<AnyBackend, NetlinkRouting, Nft, ProcSysctl>;
+
+impl SystemDataPlane {
+    /// Real adapters for `link_name`, in the calling thread's network namespace.
+    /// Needs a tokio runtime (for the netlink socket's driver).
+    pub fn system(choice: BackendChoice, link_name: &str) -> std::io::Result<Self> {
+        let nl = Netlink::connect()?;
+        Ok(DataPlane::new(
+            AnyBackend::new(choice, link_name, nl.clone()),
+            NetlinkRouting::new(nl),
+            Nft::default(),
+            ProcSysctl::default(),
+        ))
     }
 }
 
-pub struct LinuxDataPlane {
-    handle: Handle,
-    kind: BackendKind,
-    wg: Option<WireGuard>,
-    ifname: String,
-}
-
-impl LinuxDataPlane {
-    pub fn new(handle: Handle, kind: BackendKind, ifname: &str) -> Self {
-        LinuxDataPlane {
-            handle,
-            kind,
-            wg: None,
-            ifname: ifname.to_owned(),
+impl<W, R, F, S> DataPlane<W, R, F, S>
+where
+    W: WireGuardBackend,
+    R: RoutingBackend,
+    F: FirewallBackend,
+    S: SysctlBackend,
+{
+    pub fn new(wireguard: W, routing: R, firewall: F, sysctl: S) -> Self {
+        Self {
+            wireguard,
+            routing,
+            firewall,
+            sysctl,
+            address: Mutex::new(None),
+            warned: Mutex::new(Vec::new()),
         }
     }
 
-    fn wg(&self) -> anyhow::Result<&WireGuard> {
-        self.wg
-            .as_ref()
-            .context("the WireGuard interface is not set up")
+    pub fn wireguard(&self) -> &W {
+        &self.wireguard
     }
 
-    /// Removes what a previous run (crashed, or killed) may have left, so a
-    /// restart converges to exactly one copy of everything.
-    pub async fn clean_leftovers(handle: &Handle, ifname: &str) -> anyhow::Result<()> {
-        routing::remove_rules(handle, RULE).await?;
-        routing::remove_routes(handle).await?;
-        nft_remove_table()?;
-        let sock = wireguard::uapi_socket(ifname);
-        if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            let _ = std::fs::remove_file(&sock);
-        }
-        Ok(())
-    }
-}
+    /// Converges everything to `desired`.
+    ///
+    /// Order: link (it must exist for the rest), rp_filter off on it (before the
+    /// first decrypted packet), WireGuard keys and peers, address/routes/rules, and the
+    /// nftables marking last, so traffic is steered into the tunnel only once the
+    /// tunnel can carry it.
+    pub async fn apply(
+        &self,
+        desired: &DesiredDataPlane,
+    ) -> Result<DataPlaneReport, DataPlaneError> {
+        let link_name = self.wireguard.link_name().to_owned();
+        let mut warnings = Vec::new();
 
-impl DataPlane for LinuxDataPlane {
-    async fn setup(&mut self, link: &LinkPlan) -> anyhow::Result<()> {
-        let wg = WireGuard::create(self.kind, &link.interface)?;
-        wg.configure(&link.private_key, link.listen_port, link.fwmark, link.mtu)?;
-        self.wg = Some(wg);
-        let index = routing::link_index(&self.handle, &link.interface)
-            .await?
-            .ok_or_else(|| routing::RoutingError::NoLink(link.interface.clone()))?;
-        routing::ensure_address(&self.handle, index, link.address).await?;
-        routing::ensure_routes(&self.handle, index, link.mtu).await?;
-        routing::ensure_rules(&self.handle, RULE).await?;
-        if let Err(e) = disable_rp_filter(&link.interface) {
-            tracing::warn!(
-                "{}; decrypted IPv4 traffic may be dropped by reverse-path filtering",
-                crate::util::error_chain(&e)
-            );
-        }
-        check_forwarding();
-        tracing::info!(
-            interface = %link.interface,
-            backend = self.kind.as_str(),
-            address = %link.address,
-            port = link.listen_port,
-            "WireGuard link up"
-        );
-        Ok(())
-    }
+        let link = self.wireguard.ensure_link(desired.mtu).await?;
 
-    async fn observe(&mut self) -> anyhow::Result<BTreeMap<String, WgObservation>> {
-        Ok(self.wg()?.observe()?)
-    }
-
-    async fn apply_peers(&mut self, link: &LinkPlan, peers: &[DesiredPeer]) -> anyhow::Result<()> {
-        let (n, new_endpoints) = self.wg()?.apply_peers(&link.preshared_key, peers)?;
-        if n > 0 {
-            tracing::debug!(changed = n, total = peers.len(), "WireGuard peers applied");
-        }
-        for p in &new_endpoints {
-            poke(p);
-        }
-        Ok(())
-    }
-
-    async fn apply_ruleset(&mut self, script: &str) -> anyhow::Result<()> {
-        nft_apply(script)
-    }
-
-    async fn teardown(&mut self) -> anyhow::Result<()> {
-        let mut first: Option<anyhow::Error> = None;
-        let mut note = |r: anyhow::Result<()>| {
-            if let Err(e) = r {
-                tracing::warn!("teardown: {}", crate::util::error_chain(&e));
-                first.get_or_insert(e);
+        let rp_filter = match self.sysctl.disable_rp_filter(&link_name) {
+            Ok(rp) => {
+                if let Some(problem) = rp.problem(&link_name) {
+                    warnings.push(problem);
+                }
+                Some(rp)
+            }
+            Err(e) => {
+                warnings.push(format!(
+                    "{e}; reverse-path filtering on {link_name} would drop IPv4 traffic from peers"
+                ));
+                None
             }
         };
-        note(nft_remove_table());
-        note(
-            routing::remove_rules(&self.handle, RULE)
-                .await
-                .map_err(Into::into),
-        );
-        note(
-            routing::remove_routes(&self.handle)
-                .await
-                .map_err(Into::into),
-        );
-        if let Some(mut wg) = self.wg.take() {
-            note(wg.remove().map_err(Into::into));
+        let forwarding = match self.sysctl.forwarding() {
+            Ok(f) => {
+                if !f.ipv4 || !f.ipv6 {
+                    warnings.push(format!(
+                        "packet forwarding is off (ipv4: {}, ipv6: {}); pod traffic over KubeSpan needs net.ipv4.ip_forward=1 and net.ipv6.conf.all.forwarding=1",
+                        f.ipv4, f.ipv6
+                    ));
+                }
+                Some(f)
+            }
+            Err(e) => {
+                warnings.push(format!("cannot read forwarding sysctls: {e}"));
+                None
+            }
+        };
+
+        let wireguard = self.wireguard.apply(&desired.device).await?;
+
+        let spec = RoutingSpec {
+            link_name: link_name.clone(),
+            address: desired.address,
+            mtu: desired.mtu,
+        };
+        let previous = *self.address.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(old) = previous.filter(|old| *old != desired.address) {
+            // The ULA changed (new MAC or cluster ID): the old one must not linger.
+            self.routing.remove_address(&link_name, old).await?;
         }
-        // The kernel link outlives its API handle; a userspace TUN goes with
-        // its device, but delete it if it is still there.
-        note(
-            routing::delete_link(&self.handle, &self.ifname)
-                .await
-                .map_err(Into::into),
-        );
-        match first {
-            None => Ok(()),
-            Some(e) => Err(e),
+        // Recorded before `ensure`, so a teardown after a half-done ensure removes it.
+        *self.address.lock().unwrap_or_else(PoisonError::into_inner) = Some(desired.address);
+        let routing = self.routing.ensure(&spec).await?;
+
+        self.firewall.apply(&desired.nftables).await?;
+
+        // Every apply re-checks, but a standing problem is logged once.
+        {
+            let mut last = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
+            for w in warnings.iter().filter(|w| !last.contains(w)) {
+                tracing::warn!("{w}");
+            }
+            last.clone_from(&warnings);
         }
+
+        Ok(DataPlaneReport {
+            link,
+            wireguard,
+            routing,
+            rp_filter,
+            forwarding,
+            warnings,
+        })
+    }
+
+    /// Reads the WireGuard device (peer endpoints, handshakes, counters).
+    pub async fn read_device(&self) -> Result<DeviceState, WireGuardError> {
+        self.wireguard.read().await
+    }
+
+    /// Removes everything `apply` created. Every step runs even when an earlier one
+    /// fails; the error lists all failures.
+    pub async fn teardown(&self) -> Result<(), DataPlaneError> {
+        let link_name = self.wireguard.link_name().to_owned();
+        let address = *self.address.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut failures = Vec::new();
+        if let Err(e) = self.firewall.remove_table(NFT_FAMILY, NFT_TABLE).await {
+            failures.push(e.to_string());
+        }
+        if let Err(e) = self.routing.remove(&link_name, address).await {
+            failures.push(e.to_string());
+        }
+        if let Err(e) = self.wireguard.remove_link().await {
+            failures.push(e.to_string());
+        }
+        if failures.is_empty() {
+            *self.address.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            tracing::info!(link = %link_name, "data plane torn down");
+            Ok(())
+        } else {
+            Err(DataPlaneError::Teardown(failures))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// Every adapter call, in order.
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    fn record(log: &Log, entry: impl Into<String>) {
+        log.lock().unwrap().push(entry.into());
+    }
+
+    struct FakeWg {
+        log: Log,
+        fail_remove: bool,
+    }
+
+    impl WireGuardBackend for FakeWg {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Userspace
+        }
+
+        fn link_name(&self) -> &str {
+            "kubespan"
+        }
+
+        async fn ensure_link(&self, mtu: u32) -> Result<LinkState, WireGuardError> {
+            record(&self.log, format!("wg.ensure_link {mtu}"));
+            Ok(LinkState {
+                index: 7,
+                name: "kubespan".into(),
+                kind: Some("tun".into()),
+                mtu,
+                up: true,
+            })
+        }
+
+        async fn apply(&self, config: &DeviceConfig) -> Result<ApplySummary, WireGuardError> {
+            record(&self.log, format!("wg.apply {} peers", config.peers.len()));
+            Ok(ApplySummary::default())
+        }
+
+        async fn read(&self) -> Result<DeviceState, WireGuardError> {
+            record(&self.log, "wg.read");
+            Ok(DeviceState::default())
+        }
+
+        async fn remove_link(&self) -> Result<(), WireGuardError> {
+            record(&self.log, "wg.remove_link");
+            if self.fail_remove {
+                return Err(WireGuardError::Remove {
+                    name: "kubespan".into(),
+                    reason: "stuck".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    struct FakeRouting(Log);
+
+    impl RoutingBackend for FakeRouting {
+        async fn ensure(&self, spec: &RoutingSpec) -> Result<RoutingSummary, RoutingError> {
+            record(
+                &self.0,
+                format!("routing.ensure {} mtu {}", spec.address, spec.mtu),
+            );
+            Ok(RoutingSummary::default())
+        }
+
+        async fn remove_address(
+            &self,
+            _link: &str,
+            address: Ipv6Addr,
+        ) -> Result<RoutingSummary, RoutingError> {
+            record(&self.0, format!("routing.remove_address {address}"));
+            Ok(RoutingSummary::default())
+        }
+
+        async fn remove(
+            &self,
+            _link: &str,
+            address: Option<Ipv6Addr>,
+        ) -> Result<RoutingSummary, RoutingError> {
+            record(&self.0, format!("routing.remove {address:?}"));
+            Ok(RoutingSummary::default())
+        }
+    }
+
+    struct FakeNft {
+        log: Log,
+        fail: bool,
+    }
+
+    impl FirewallBackend for FakeNft {
+        async fn apply(&self, script: &str) -> Result<(), NftError> {
+            record(&self.log, format!("nft.apply {} bytes", script.len()));
+            Ok(())
+        }
+
+        async fn remove_table(&self, family: &str, name: &str) -> Result<(), NftError> {
+            record(&self.log, format!("nft.remove_table {family} {name}"));
+            if self.fail {
+                return Err(NftError::Rejected {
+                    status: "exit status: 1".into(),
+                    stderr: "Error: Could not process rule".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    struct FakeSysctl {
+        log: Log,
+        all: i64,
+    }
+
+    impl SysctlBackend for FakeSysctl {
+        fn disable_rp_filter(&self, link: &str) -> Result<RpFilter, SysctlError> {
+            record(&self.log, format!("sysctl.rp_filter {link}"));
+            Ok(RpFilter {
+                all: self.all,
+                link: 0,
+                changed: false,
+            })
+        }
+
+        fn forwarding(&self) -> Result<Forwarding, SysctlError> {
+            Ok(Forwarding {
+                ipv4: true,
+                ipv6: false,
+            })
+        }
+    }
+
+    fn plane(
+        log: &Log,
+        all: i64,
+        fail_teardown: bool,
+    ) -> DataPlane<FakeWg, FakeRouting, FakeNft, FakeSysctl> {
+        DataPlane::new(
+            FakeWg {
+                log: log.clone(),
+                fail_remove: fail_teardown,
+            },
+            FakeRouting(log.clone()),
+            FakeNft {
+                log: log.clone(),
+                fail: fail_teardown,
+            },
+            FakeSysctl {
+                log: log.clone(),
+                all,
+            },
+        )
+    }
+
+    fn desired(address: &str) -> DesiredDataPlane {
+        DesiredDataPlane {
+            mtu: DEFAULT_MTU,
+            device: DeviceConfig {
+                private_key: PrivateKey::from_bytes([1; 32]),
+                listen_port: LISTEN_PORT,
+                fwmark: WIREGUARD_FWMARK,
+                peers: vec![],
+            },
+            address: address.parse().unwrap(),
+            nftables: "table inet kubespan {}\n".into(),
+        }
+    }
+
+    fn take(log: &Log) -> Vec<String> {
+        std::mem::take(&mut *log.lock().unwrap())
+    }
+
+    #[tokio::test]
+    async fn apply_order_is_link_sysctl_wireguard_routing_firewall() {
+        let log = Log::default();
+        let p = plane(&log, 0, false);
+        let report = p.apply(&desired("fd00::1")).await.unwrap();
+        assert_eq!(
+            take(&log),
+            [
+                "wg.ensure_link 1420",
+                "sysctl.rp_filter kubespan",
+                "wg.apply 0 peers",
+                "routing.ensure fd00::1 mtu 1420",
+                "nft.apply 23 bytes",
+            ]
+        );
+        assert_eq!(report.link.index, 7);
+        // Forwarding off for IPv6 is reported; a clean rp_filter is not.
+        assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+        assert!(report.warnings[0].contains("forwarding is off"));
+    }
+
+    #[tokio::test]
+    async fn a_changed_address_removes_the_old_one_first() {
+        let log = Log::default();
+        let p = plane(&log, 0, false);
+        p.apply(&desired("fd00::1")).await.unwrap();
+        take(&log);
+        p.apply(&desired("fd00::2")).await.unwrap();
+        let calls = take(&log);
+        let removed = calls
+            .iter()
+            .position(|c| c == "routing.remove_address fd00::1");
+        let ensured = calls
+            .iter()
+            .position(|c| c == "routing.ensure fd00::2 mtu 1420");
+        assert!(removed.unwrap() < ensured.unwrap(), "{calls:?}");
+        p.apply(&desired("fd00::2")).await.unwrap();
+        assert!(!take(&log).iter().any(|c| c.starts_with("routing.remove")));
+    }
+
+    #[tokio::test]
+    async fn a_filtering_all_is_a_warning_not_an_error() {
+        let log = Log::default();
+        let report = plane(&log, 2, false)
+            .apply(&desired("fd00::1"))
+            .await
+            .unwrap();
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|w| w.contains("net.ipv4.conf.all.rp_filter=0")),
+            "{:?}",
+            report.warnings
+        );
+    }
+
+    #[tokio::test]
+    async fn teardown_runs_every_step_and_reports_every_failure() {
+        let log = Log::default();
+        let p = plane(&log, 0, true);
+        p.apply(&desired("fd00::1")).await.unwrap();
+        take(&log);
+        let err = p.teardown().await.unwrap_err();
+        assert_eq!(
+            take(&log),
+            [
+                "nft.remove_table inet kubespan",
+                "routing.remove Some(fd00::1)",
+                "wg.remove_link",
+            ]
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("Could not process rule") && text.contains("stuck"),
+            "{text}"
+        );
     }
 }
