@@ -157,7 +157,10 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         node_id,
         keys,
         kubespan_address,
-        timing: Timing::default(),
+        timing: Timing {
+            endpoint_connect_timeout: settings.endpoint_connect_timeout,
+            ..Timing::default()
+        },
         polling: Polling::default(),
         retain_grace: Duration::from_secs(300),
         settings,
