@@ -114,6 +114,14 @@ err=$(ks 1 get pods 2>&1) && check "get pods fails" false
 check "get pods: names the known resources" grep -q "unknown resource.*kubespanpeerstatuses" <<<"$err"
 err=$(ks 1 status --socket /run/nothing.sock 2>&1) && check "status on a missing socket fails" false
 check "status on a missing socket: says the daemon is not running" grep -q "daemon is not running" <<<"$err"
+# As nobody (from a copy of the binary nobody may run, wherever the repo is).
+unpriv=$(mktemp -d /tmp/kubespan-unpriv.XXXXXX)
+chmod 755 "$unpriv" && install -m 755 "$KS_BIN" "$unpriv/kubespan"
+rc=0
+err=$(ks_node_exec 1 setpriv --reuid=65534 --regid=65534 --clear-groups "$unpriv/kubespan" status 2>&1) || rc=$?
+rm -rf "$unpriv"
+((rc != 0)) || check "status as an unprivileged user fails" false
+check "status as an unprivileged user: permission denied, run as root" grep -q "permission denied.*root" <<<"$err"
 
 # Logs never carry a secret: not the cluster secret, not the private key.
 for n in 1 2 3; do
