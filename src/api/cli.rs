@@ -136,6 +136,8 @@ struct Printer<'a> {
     t: &'static ResourceType,
     output: &'a str,
     watch: bool,
+    /// Table lines printed so far.
+    shown: std::cell::RefCell<Vec<String>>,
 }
 
 impl Printer<'_> {
@@ -181,14 +183,29 @@ impl Printer<'_> {
         let mut out = stdout.lock();
         match self.output {
             "table" => {
-                let mut tw = TabWriter::new(Vec::new()).padding(3);
+                // Lines printed before (a watch's first table) are laid out
+                // again with the new ones, so that later lines line up with
+                // them; only the new lines are printed.
+                let mut shown = self.shown.borrow_mut();
+                let before = shown.len();
                 if with_header {
-                    writeln!(tw, "{}", self.header())?;
+                    shown.push(self.header());
                 }
                 for (e, r) in items {
-                    writeln!(tw, "{}", self.row(*e, r)?)?;
+                    shown.push(self.row(*e, r)?);
                 }
-                out.write_all(&tw.into_inner().context("table output")?)?;
+                let mut tw = TabWriter::new(Vec::new()).padding(3);
+                for line in shown.iter() {
+                    writeln!(tw, "{line}")?;
+                }
+                let text = String::from_utf8(tw.into_inner().context("table output")?)?;
+                for line in text.lines().skip(before) {
+                    writeln!(out, "{}", line.trim_end())?;
+                }
+                if !with_header {
+                    // Streamed lines are not kept: a long watch stays small.
+                    shown.truncate(before);
+                }
             }
             "yaml" => {
                 for (e, r) in items {
@@ -229,6 +246,7 @@ pub fn get(args: GetArgs) -> anyhow::Result<()> {
             t,
             output: &args.output,
             watch: args.watch,
+            shown: Default::default(),
         };
         if args.watch {
             return watch(&mut client, &printer, &args).await;
