@@ -24,6 +24,21 @@ declare -gA KS_PID=()
 ks_log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 ks_die() { ks_log "FAIL: $*"; exit 1; }
 
+# Runs a check: logs "ok: <what>", or prints the end of every node's log and
+# fails the scenario.
+ks_check() {
+    local what=$1; shift
+    if "$@"; then
+        ks_log "ok: $what"
+        return 0
+    fi
+    local log
+    for log in "$KS_TMP"/node*/daemon.log; do
+        [[ -f $log ]] && { echo "--- ${log#"$KS_TMP"/}:"; tail -20 "$log"; } >&2
+    done
+    ks_die "$what"
+}
+
 ks_require_root() {
     if [[ $(id -u) -ne 0 ]]; then
         echo "SKIP: netns tests need root (network namespaces, veth, nftables); run as root" >&2
@@ -223,4 +238,27 @@ ks_nft_routes() {
 ks_new_cluster() {
     KS_CLUSTER_ID=$(head -c 32 /dev/urandom | base64)
     KS_CLUSTER_SECRET=$(head -c 32 /dev/urandom | base64)
+}
+
+# True when every listed node has a handshake with every other listed node.
+ks_full_mesh() {
+    local n
+    for n in "$@"; do
+        ks_handshakes_with "$n" $(for m in "$@"; do [[ $m == "$n" ]] || echo "$m"; done) || return 1
+    done
+}
+
+# Records, every 0.2 s until killed, how many peers node N's WireGuard has:
+# one line "<epoch ms> <count>" per sample in $KS_TMP/peers-N.txt. Prints the
+# sampler's pid.
+ks_sample_peers() {
+    local n=$1 out=$KS_TMP/peers-$1.txt
+    (
+        while :; do
+            c=$(ks_node_exec "$n" wg show kubespan peers 2>/dev/null | wc -l) || c=err
+            echo "${EPOCHREALTIME/./} $c" >>"$out"
+            sleep 0.2
+        done
+    ) >/dev/null 2>&1 &
+    echo $!
 }

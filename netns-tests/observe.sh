@@ -15,17 +15,7 @@ for n in 1 2 3; do
     ks_node_start "$n"
 done
 
-check() { # description, command...
-    local what=$1; shift
-    if "$@"; then
-        ks_log "ok: $what"
-    else
-        for n in 1 2 3; do
-            [[ -f $KS_TMP/node$n/daemon.log ]] && { echo "--- node$n log:"; tail -20 "$KS_TMP/node$n/daemon.log"; } >&2
-        done
-        ks_die "$what"
-    fi
-}
+check() { ks_check "$@"; }
 
 ks() { local n=$1; shift; ks_node_exec "$n" "$KS_BIN" "$@"; }
 

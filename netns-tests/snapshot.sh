@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Discovery restart with a snapshot: the service saves its state on SIGTERM and
+# loads it at start. No node may lose a peer at any point, and the nodes
+# reconnect and stay in sync with the restarted service.
+source "$(dirname "$0")/lib.sh"
+ks_require_root
+trap ks_cleanup EXIT
+check() { ks_check "$@"; }
+
+ks_new_cluster
+ks_hub_up
+KS_SNAPSHOTS=true ks_discovery_start
+nodes=(1 2 3)
+for n in "${nodes[@]}"; do
+    ks_node_net "$n"
+    ks_node_start "$n"
+done
+t=$(ks_wait 60 ks_full_mesh "${nodes[@]}") || check "full mesh before the restart" false
+ks_log "info: full mesh ${t}s after start"
+
+samplers=()
+for n in "${nodes[@]}"; do samplers+=("$(ks_sample_peers "$n")"); done
+sleep 1
+
+ks_discovery_stop
+check "the discovery service saved a snapshot" test -s "$KS_TMP/discovery.binpb"
+sleep 2
+restarted=$SECONDS
+KS_SNAPSHOTS=true ks_discovery_start
+check "the restarted service loaded the snapshot" grep -q "snapshot loaded" "$KS_TMP/discovery.log"
+
+connected() { ks_node_exec "$1" "$KS_BIN" status -o json | jq -e '.discovery.connected' >/dev/null; }
+for n in "${nodes[@]}"; do
+    t=$(ks_wait 60 connected "$n") || check "node$n reconnects to the restarted service" false
+    ks_log "info: node$n reconnected $((SECONDS - restarted))s after the restart"
+done
+# A node that joins now is reached by everyone: the others are in sync with
+# the restarted service.
+ks_node_net 4
+ks_node_start 4
+t=$(ks_wait 60 ks_full_mesh 1 2 3 4) || check "a node joining after the restart meshes with all" false
+ks_log "info: node4 joined ${t}s after its start"
+sleep 1
+kill "${samplers[@]}" 2>/dev/null
+wait "${samplers[@]}" 2>/dev/null || true
+
+for n in "${nodes[@]}"; do
+    f=$KS_TMP/peers-$n.txt
+    samples=$(wc -l <"$f")
+    min=$(awk '{print $2}' "$f" | sort -n | head -1)
+    check "node$n never had fewer than 2 peers ($samples samples, minimum $min)" \
+        test "$samples" -gt 20 -a "$min" -ge 2
+done
+for n in 2 3 4; do
+    check "node1 pings node$n" ks_node_exec 1 ping -c 2 -W 2 -i 0.2 "$(ks_node_ip "$n")"
+done
+ks_log "PASS snapshot"
