@@ -402,6 +402,83 @@ async fn junk_written_by_a_raw_client_is_counted_and_ignored() {
 }
 
 #[tokio::test]
+async fn a_record_overwritten_under_our_id_is_published_again() {
+    let (srv, addr) = start_server().await;
+    let (a, b) = (client(addr, "node-a"), client(addr, "node-b"));
+    let spec_b = spec("node-b", &["192.0.2.2:51820"]);
+    a.set_local(spec("node-a", &[])).unwrap();
+    b.set_local(spec_b.clone()).unwrap();
+    wait(&a, "a to see b", |s| sees(s, &spec_b)).await;
+    let cipher = ClusterCipher::from_secret_base64(SECRET).unwrap();
+    // Endpoints travel beside the data, so the data alone is b's spec without them.
+    let decrypts_to_b = |data: &Bytes| {
+        cipher.decrypt_affiliate(data).ok().is_some_and(|d| {
+            d.node_id == "node-b"
+                && d.hostname == spec_b.hostname
+                && d.addresses == spec_b.addresses
+        })
+    };
+
+    // Someone who knows the cluster ID but not the secret writes junk under
+    // node-b's ID: node-b notices and publishes its record again.
+    let mut junk = raw(addr).await;
+    let mut random = [0u8; 64];
+    getrandom::fill(&mut random).unwrap();
+    junk.affiliate_update(update(
+        "node-b",
+        Some(Bytes::copy_from_slice(&random)),
+        vec![],
+    ))
+    .await
+    .unwrap();
+    wait(&b, "b to republish", |s| {
+        s.counters.overwrites_repaired >= 1
+    })
+    .await;
+    let (data, _) = stored(addr, "node-b").await.unwrap();
+    assert!(
+        decrypts_to_b(&data),
+        "the service holds node-b's own record again"
+    );
+    // A node that connects now finds node-b intact.
+    let c = client(addr, "node-c");
+    wait(&c, "c to see b", |s| sees(s, &spec_b)).await;
+    assert!(sees(&a.snapshot(), &spec_b), "a kept b throughout");
+
+    // Deleted under our ID: published again too.
+    junk.affiliate_delete(kubespan::proto::server::AffiliateDeleteRequest {
+        cluster_id: CLUSTER.into(),
+        affiliate_id: "node-b".into(),
+    })
+    .await
+    .unwrap();
+    wait(&b, "b to republish after a deletion", |s| {
+        s.counters.overwrites_repaired >= 2
+    })
+    .await;
+    let restored = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some((data, _)) = stored(addr, "node-b").await
+                && decrypts_to_b(&data)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        restored.is_ok(),
+        "node-b is back on the service after its deletion"
+    );
+
+    for x in [a, b, c] {
+        x.shutdown().await;
+    }
+    srv.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn clients_repopulate_a_restarted_server_without_persistence() {
     let (srv, addr) = start_server().await;
     let (a, b) = (client(addr, "node-a"), client(addr, "node-b"));

@@ -235,6 +235,9 @@ pub struct Counters {
     pub reconnects: u64,
     /// Hello redirects followed.
     pub redirects: u64,
+    /// Times our record was found overwritten (or deleted) by another client
+    /// and published again.
+    pub overwrites_repaired: u64,
 }
 
 /// Everything the client knows, published on every change and every Watch message.

@@ -14,11 +14,16 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use super::backoff::{Backoff, os_random_unit};
 use super::local::Plan;
 use super::view::WatchView;
+
 use super::{ClientError, ClientSnapshot, Config, MAX_REDIRECTS, ServiceEndpoint, Shared};
 use crate::proto::server::cluster_client::ClusterClient;
 use crate::proto::server::{
     AffiliateDeleteRequest, AffiliateUpdateRequest, HelloRequest, WatchRequest, WatchResponse,
 };
+
+/// At most one republish per this interval when our record keeps being
+/// overwritten, so a hostile writer cannot make us flood the service.
+const REPAIR_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Go gRPC's default keepalive timeout: no ping ack within this closes the
 /// connection.
@@ -217,10 +222,23 @@ impl Runner {
         let interval = self.cfg.refresh_interval();
         let mut next_refresh = Instant::now() + interval;
         let mut snapshot = true;
+        // Set when the service shows our record overwritten: when to publish again.
+        let mut repair_at: Option<Instant> = None;
+        let mut last_repair: Option<Instant> = None;
         loop {
             tokio::select! {
                 msg = stream.message() => match msg {
                     Ok(Some(msg)) => {
+                        // The snapshot predates the publish that opened this
+                        // session, so only updates can show an overwrite.
+                        if !snapshot && repair_at.is_none() && self.own_record_overwritten(&msg) {
+                            tracing::warn!(
+                                affiliate_id = %self.cfg.affiliate_id,
+                                "another client overwrote or deleted this node's record on the discovery service; publishing it again"
+                            );
+                            let now = Instant::now();
+                            repair_at = Some(last_repair.map_or(now, |t| (t + REPAIR_INTERVAL).max(now)));
+                        }
                         self.apply(&msg, snapshot);
                         snapshot = false;
                     }
@@ -230,6 +248,13 @@ impl Runner {
                 _ = sleep_until(next_refresh) => {
                     published = self.publish(&mut client).await?;
                     next_refresh = Instant::now() + interval;
+                }
+                _ = sleep_until(repair_at.unwrap_or(next_refresh)), if repair_at.is_some() => {
+                    repair_at = None;
+                    last_repair = Some(Instant::now());
+                    published = self.publish(&mut client).await?;
+                    next_refresh = Instant::now() + interval;
+                    self.status.send_modify(|s| s.counters.overwrites_repaired += 1);
                 }
                 _ = self.shared.wake.notified() => {
                     if self.shared.local().generation() != published {
@@ -410,6 +435,18 @@ impl Runner {
                 Ok(())
             }
         }
+    }
+
+    /// Whether `msg` shows our own record holding something other than what we
+    /// publish: another client (a hostile one that knows the cluster ID, or a
+    /// second host with the same node ID) wrote or deleted it under our ID.
+    fn own_record_overwritten(&self, msg: &WatchResponse) -> bool {
+        let Plan::Update { data, .. } = self.shared.local().plan() else {
+            return false;
+        };
+        msg.affiliates
+            .iter()
+            .any(|a| a.id == self.cfg.affiliate_id && (msg.deleted || a.data != data))
     }
 
     fn apply(&mut self, msg: &WatchResponse, snapshot: bool) {
