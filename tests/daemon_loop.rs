@@ -34,6 +34,8 @@ struct Net {
     devices: BTreeMap<String, BTreeMap<String, WgObservation>>,
     rulesets: BTreeMap<String, String>,
     torn_down: BTreeSet<String>,
+    /// device -> how often the daemon converged everything again.
+    repairs: BTreeMap<String, u32>,
 }
 
 #[derive(Clone)]
@@ -119,6 +121,17 @@ impl DataPlane for FakeDp {
             .unwrap()
             .rulesets
             .insert(self.me.clone(), script.to_owned());
+        Ok(())
+    }
+
+    async fn repair(&mut self) -> anyhow::Result<()> {
+        *self
+            .net
+            .lock()
+            .unwrap()
+            .repairs
+            .entry(self.me.clone())
+            .or_default() += 1;
         Ok(())
     }
 
@@ -255,6 +268,7 @@ async fn node(
         polling: Polling {
             converging: Duration::from_millis(50),
             steady: Duration::from_millis(200),
+            repair: Duration::from_millis(300),
         },
         retain_grace: Duration::from_secs(300),
         backend: "fake".into(),
@@ -364,6 +378,17 @@ async fn two_nodes_discover_each_other_and_come_up() {
         rules.contains("table inet kubespan") && rules.contains("10.0.0.2"),
         "{rules}"
     );
+
+    // A healthy mesh still converges the whole data plane again now and then
+    // (every 300 ms here), so what something else removed comes back.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while net.lock().unwrap().repairs.get(&ka).copied().unwrap_or(0) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no periodic repair of a's data plane"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     stop(a).await;
     assert!(net.lock().unwrap().torn_down.contains(&ka));

@@ -183,6 +183,12 @@ impl DataPlane for LinuxDataPlane {
         self.converge().await.map(|_| ())
     }
 
+    async fn repair(&mut self) -> anyhow::Result<()> {
+        // `converge` is an idempotent diff, except nftables: our table is
+        // replaced in one transaction, which also brings it back after a flush.
+        self.converge().await.map(|_| ())
+    }
+
     async fn teardown(&mut self) -> anyhow::Result<()> {
         Ok(self.dp.teardown().await?)
     }

@@ -52,6 +52,10 @@ pub struct Plan {
 pub struct Polling {
     pub converging: Duration,
     pub steady: Duration,
+    /// How often the whole data plane is converged again, so that what
+    /// something else removed (a firewall reload's `nft flush ruleset`, a
+    /// deleted rule) comes back.
+    pub repair: Duration,
 }
 
 impl Default for Polling {
@@ -59,6 +63,7 @@ impl Default for Polling {
         Polling {
             converging: Duration::from_secs(1),
             steady: Duration::from_secs(10),
+            repair: Duration::from_secs(30),
         }
     }
 }

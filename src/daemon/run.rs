@@ -66,6 +66,10 @@ pub trait DataPlane {
     async fn apply_peers(&mut self, link: &LinkPlan, peers: &[DesiredPeer]) -> anyhow::Result<()>;
     /// Replaces our nftables table with `script`.
     async fn apply_ruleset(&mut self, script: &str) -> anyhow::Result<()>;
+    /// Converges everything again to the last applied state, putting back
+    /// what something else removed (`nft flush ruleset` on a firewall reload,
+    /// a deleted rule or route).
+    async fn repair(&mut self) -> anyhow::Result<()>;
     /// Removes everything `setup` and the applies created.
     async fn teardown(&mut self) -> anyhow::Result<()>;
 }
@@ -148,6 +152,7 @@ pub struct Node<D: DataPlane, H: HostFacts> {
     applied_routed: Option<RoutedSet>,
     harvested: Vec<(String, SocketAddr)>,
     endpoint_attempts: BTreeMap<String, u64>,
+    last_repair: std::time::Instant,
     view: watch::Sender<NodeView>,
     store_path: PathBuf,
 }
@@ -213,6 +218,7 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
                 applied_routed: None,
                 harvested: Vec::new(),
                 endpoint_attempts: BTreeMap::new(),
+                last_repair: std::time::Instant::now(),
                 view,
                 store_path,
             },
@@ -310,6 +316,16 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
             },
         );
         let mut errors = 0;
+        if self.last_repair.elapsed() >= self.setup.polling.repair {
+            self.last_repair = std::time::Instant::now();
+            if let Err(e) = self.dp.repair().await {
+                errors += 1;
+                tracing::warn!(
+                    "cannot restore the data plane (retrying): {}",
+                    crate::util::error_chain(&e)
+                );
+            }
+        }
         let observed = match self.dp.observe().await {
             Ok(o) => o,
             Err(e) => {
@@ -391,6 +407,7 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
         if let Some(t) = self.retained.next_expiry() {
             wake = wake.min(t);
         }
+        wake = wake.min(now + self.setup.polling.repair);
         if errors > 0 {
             // Retry failed applies soon, whatever the planner says.
             wake = wake.min(now + Duration::from_secs(2));
