@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/server/cluster.proto",
         "proto/client/affiliate.proto",
         "proto/storage/storage.proto",
+        "proto/api/api.proto",
     ];
     tonic_prost_build::configure()
         .build_client(true)

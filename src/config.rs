@@ -15,6 +15,8 @@ use crate::kubespan::endpoints::EndpointFilters;
 /// The public discovery service, Talos's default.
 pub const DEFAULT_DISCOVERY_ENDPOINT: &str = "https://discovery.talos.dev/";
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kubespan/config.yaml";
+/// Loopback only: metrics name peers and addresses.
+pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:2123";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -178,6 +180,12 @@ pub struct NodeConfig {
     /// `kubespan.advertiseKubernetesNetworks`.
     #[serde(default, rename = "podCIDRs")]
     pub pod_cidrs: Vec<String>,
+    /// The local API socket (`kubespan get`, `kubespan status`).
+    #[serde(default = "default_api_socket")]
+    pub api_socket: PathBuf,
+    /// Prometheus metrics listener; empty disables it.
+    #[serde(default = "default_metrics_address")]
+    pub metrics_address: String,
 }
 
 impl Default for NodeConfig {
@@ -207,6 +215,12 @@ fn default_port() -> u32 {
 fn default_state_dir() -> PathBuf {
     "/var/lib/kubespan".into()
 }
+fn default_api_socket() -> PathBuf {
+    crate::api::DEFAULT_SOCKET.into()
+}
+fn default_metrics_address() -> String {
+    DEFAULT_METRICS_ADDRESS.into()
+}
 
 /// The validated, typed form the daemon works with.
 #[derive(Debug, Clone)]
@@ -235,6 +249,9 @@ pub struct Settings {
     pub nodename: Option<String>,
     pub hostname: Option<String>,
     pub pod_cidrs: Vec<IpNet>,
+    pub api_socket: PathBuf,
+    /// `None`: no metrics listener.
+    pub metrics_address: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -374,6 +391,25 @@ impl Config {
                 .filter(|s| !s.is_empty())
         };
         let pod_cidrs = parse_nets(&n.pod_cidrs).map_err(|r| bad("node.podCIDRs", r))?;
+        if !n.api_socket.is_absolute() {
+            return Err(bad(
+                "node.apiSocket",
+                format!("{:?} must be an absolute path", n.api_socket),
+            ));
+        }
+        let metrics = n.metrics_address.trim();
+        let metrics_address = if metrics.is_empty() {
+            None
+        } else {
+            Some(metrics.parse().map_err(|_| {
+                bad(
+                    "node.metricsAddress",
+                    format!(
+                        "{metrics:?} is not ip:port (like 127.0.0.1:2123); empty disables metrics"
+                    ),
+                )
+            })?)
+        };
         Ok(Settings {
             cluster_id: c.id.clone(),
             cluster_secret: c.secret.trim().to_owned(),
@@ -396,6 +432,8 @@ impl Config {
             nodename: nonempty(&n.nodename),
             hostname: nonempty(&n.hostname),
             pod_cidrs,
+            api_socket: n.api_socket.clone(),
+            metrics_address,
         })
     }
 }
@@ -472,6 +510,8 @@ node:
   # nodename: worker-1         # with a nodename this node is listed as a cluster member
   # hostname: worker-1.example.com
   podCIDRs: []
+  apiSocket: /run/kubespan/kubespan.sock  # `kubespan get` and `kubespan status` talk to it (root only)
+  metricsAddress: 127.0.0.1:2123          # Prometheus /metrics; "" disables
 "#
     )
 }
@@ -508,6 +548,8 @@ mod tests {
         assert!(!s.harvest_extra_endpoints);
         assert_eq!(s.backend, Backend::Auto);
         assert_eq!(s.state_dir, PathBuf::from("/var/lib/kubespan"));
+        assert_eq!(s.api_socket, PathBuf::from("/run/kubespan/kubespan.sock"));
+        assert_eq!(s.metrics_address, Some("127.0.0.1:2123".parse().unwrap()));
         assert!(s.endpoint_filters.is_none());
         assert_eq!(s.cluster_key.len(), 32);
     }
@@ -585,6 +627,11 @@ node:
             ),
             ("node:\n  stateDir: relative/dir\n", "node.stateDir"),
             ("node:\n  podCIDRs: [\"x\"]\n", "node.podCIDRs"),
+            ("node:\n  apiSocket: run/k.sock\n", "node.apiSocket"),
+            (
+                "node:\n  metricsAddress: localhost\n",
+                "node.metricsAddress",
+            ),
             ("kubespan:\n  backend: fast\n", "backend"),
             (
                 "kubespan:\n  endpointConnectTimeout: 10ms\n",

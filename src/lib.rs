@@ -3,6 +3,7 @@
 //! The pure core (no sockets, no clocks: `now` is passed in) lives in [`core`] and
 //! [`kubespan`]; I/O adapters and the async shell sit around it.
 
+pub mod api;
 pub mod client;
 pub mod config;
 pub mod core;

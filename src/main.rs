@@ -20,6 +20,12 @@ enum Command {
     /// Delete this node from the discovery service (stopping the daemon first),
     /// so peers drop it at once instead of after the 30-minute TTL.
     Leave(kubespan::daemon::cli::LeaveArgs),
+    /// Show the daemon's resources, as `talosctl get` does (identities,
+    /// affiliates, members, kubespanidentities, kubespanpeerspecs,
+    /// kubespanpeerstatuses, kubespanendpoints).
+    Get(kubespan::api::cli::GetArgs),
+    /// One screen that answers "is my mesh healthy".
+    Status(kubespan::api::cli::StatusArgs),
     /// Run a discovery service (sidero.discovery.server.Cluster gRPC API).
     DiscoveryService(Box<kubespan::discovery::cli::Args>),
     /// Generate cluster credentials or an example configuration.
@@ -47,6 +53,8 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => kubespan::daemon::cli::run(args),
         Command::Leave(args) => kubespan::daemon::cli::leave(args),
+        Command::Get(args) => kubespan::api::cli::get(args),
+        Command::Status(args) => kubespan::api::cli::status(args),
         Command::DiscoveryService(args) => kubespan::discovery::cli::run(*args),
         Command::Gen(Gen::Cluster) => kubespan::generate::cluster().map(|s| print!("{s}")),
         Command::Gen(Gen::Config { endpoint, output }) => {

@@ -14,3 +14,8 @@ pub mod client {
 pub mod storage {
     tonic::include_proto!("sidero.discovery.storage");
 }
+
+/// `kubespan.api.v1`: the daemon's local API (`kubespan get`, `kubespan status`).
+pub mod api {
+    tonic::include_proto!("kubespan.api.v1");
+}

@@ -257,6 +257,7 @@ async fn node(
             steady: Duration::from_millis(200),
         },
         retain_grace: Duration::from_secs(300),
+        backend: "fake".into(),
     };
     let host = FakeHost(
         ips.iter()

@@ -163,9 +163,19 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         },
         polling: Polling::default(),
         retain_grace: Duration::from_secs(300),
+        backend: format!("{:?}", dp.backend()).to_lowercase(),
         settings,
     };
-    let (node, _view) = Node::new(setup, dp, NetlinkHost(host), client)?;
+    let private_key = setup.keys.private_key.clone();
+    let api_socket = setup.settings.api_socket.clone();
+    let metrics_address = setup.settings.metrics_address;
+    let (node, view) = Node::new(setup, dp, NetlinkHost(host), client)?;
+    let api = crate::api::server::start(&api_socket, view.clone(), private_key)?;
+    let (metrics_stop, metrics_stop_rx) = watch::channel(false);
+    let metrics = match metrics_address {
+        Some(addr) => Some(super::metrics::serve(addr, view, metrics_stop_rx).await?),
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(None);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::spawn(async move {
@@ -175,7 +185,13 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         }
         let _ = stop_tx.send(Some(Stop::Shutdown));
     });
-    node.run(host_events, stop_rx).await?;
+    let result = node.run(host_events, stop_rx).await;
+    api.shutdown().await;
+    let _ = metrics_stop.send(true);
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
+    result?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

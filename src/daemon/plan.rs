@@ -120,6 +120,37 @@ pub fn plan(
     }
 }
 
+/// One endpoint harvested for harvestExtraEndpoints (Talos `KubeSpanEndpoint`):
+/// where WireGuard reaches an up peer, to publish under the peer's affiliate ID.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Harvested {
+    pub affiliate_id: String,
+    pub endpoint: SocketAddr,
+    pub public_key: String,
+}
+
+/// Talos's EndpointController: every up peer with an endpoint, sorted by
+/// affiliate ID.
+pub fn harvested_endpoints(
+    specs: &BTreeMap<String, PeerSpec>,
+    statuses: &BTreeMap<String, PeerStatus>,
+) -> Vec<Harvested> {
+    let mut list: Vec<Harvested> = specs
+        .iter()
+        .filter_map(|(key, spec)| {
+            let st = statuses.get(key)?;
+            let endpoint = st.endpoint.filter(|_| st.state == PeerState::Up)?;
+            Some(Harvested {
+                affiliate_id: spec.node_id.clone(),
+                endpoint,
+                public_key: key.clone(),
+            })
+        })
+        .collect();
+    list.sort();
+    list
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,5 +308,44 @@ mod tests {
             t(0),
         );
         assert_eq!(p.next_wake, t(0) + Duration::from_millis(500));
+    }
+
+    #[test]
+    fn harvest_takes_only_up_peers_with_an_endpoint() {
+        let specs: BTreeMap<String, PeerSpec> = [
+            (
+                "k1".to_string(),
+                spec("n1", "10.0.0.1/32", &["10.0.0.1:51820"]),
+            ),
+            (
+                "k2".to_string(),
+                spec("n2", "10.0.0.2/32", &["10.0.0.2:51820"]),
+            ),
+            ("k3".to_string(), spec("n3", "10.0.0.3/32", &[])),
+        ]
+        .into();
+        let up = |e: Option<&str>, state| PeerStatus {
+            endpoint: e.map(|e| e.parse().unwrap()),
+            state,
+            ..Default::default()
+        };
+        let statuses: BTreeMap<String, PeerStatus> = [
+            ("k1".to_string(), up(Some("192.0.2.1:4000"), PeerState::Up)),
+            (
+                "k2".to_string(),
+                up(Some("10.0.0.2:51820"), PeerState::Down),
+            ),
+            ("k3".to_string(), up(None, PeerState::Up)),
+        ]
+        .into();
+        let h = harvested_endpoints(&specs, &statuses);
+        assert_eq!(
+            h,
+            vec![Harvested {
+                affiliate_id: "n1".into(),
+                endpoint: "192.0.2.1:4000".parse().unwrap(),
+                public_key: "k1".into(),
+            }]
+        );
     }
 }

@@ -15,7 +15,7 @@ use ipnet::Ipv6Net;
 use tokio::sync::{mpsc, watch};
 
 use super::local::{HostAddress, LocalFacts, local_affiliate, node_addresses};
-use super::plan::{DesiredPeer, Plan, Polling, plan};
+use super::plan::{DesiredPeer, Harvested, Plan, Polling, harvested_endpoints, plan};
 use super::retain::Retained;
 use super::store;
 use crate::client::{ClientSnapshot, DiscoveryClient};
@@ -93,6 +93,21 @@ pub struct NodeView {
     pub reconciles: u64,
     pub reconcile_errors: u64,
     pub rotations: u64,
+    /// Which WireGuard implementation carries the link (`kernel`, `userspace`).
+    pub backend: String,
+    /// The KubeSpan address with its /64.
+    pub kubespan_prefix: Option<Ipv6Net>,
+    /// Raw affiliates by source (`service/<node id>`), before merging.
+    pub raw_affiliates: BTreeMap<String, AffiliateSpec>,
+    /// harvestExtraEndpoints: what this node publishes for its up peers.
+    pub harvested: Vec<Harvested>,
+    /// Endpoints tried per peer (public key) since it appeared.
+    pub endpoint_attempts: BTreeMap<String, u64>,
+    pub timing: Timing,
+    pub last_reconcile: Option<SystemTime>,
+    pub last_reconcile_duration: Duration,
+    /// Total time spent reconciling.
+    pub reconcile_seconds: f64,
 }
 
 /// Everything the loop needs that is decided before it starts.
@@ -107,6 +122,8 @@ pub struct NodeSetup {
     pub polling: Polling,
     /// How long an affiliate missing from a fresh snapshot is kept.
     pub retain_grace: Duration,
+    /// Which WireGuard implementation the data plane uses, for status output.
+    pub backend: String,
 }
 
 /// Why the loop stopped.
@@ -130,6 +147,7 @@ pub struct Node<D: DataPlane, H: HostFacts> {
     applied_peers: Option<Vec<DesiredPeer>>,
     applied_routed: Option<RoutedSet>,
     harvested: Vec<(String, SocketAddr)>,
+    endpoint_attempts: BTreeMap<String, u64>,
     view: watch::Sender<NodeView>,
     store_path: PathBuf,
 }
@@ -174,6 +192,9 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
             node_id: setup.node_id.clone(),
             public_key: setup.keys.public_key.clone(),
             kubespan_address: Some(setup.kubespan_address),
+            kubespan_prefix: Some(link.address),
+            backend: setup.backend.clone(),
+            timing: setup.timing,
             ..Default::default()
         });
         Ok((
@@ -191,6 +212,7 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
                 applied_peers: None,
                 applied_routed: None,
                 harvested: Vec::new(),
+                endpoint_attempts: BTreeMap::new(),
                 view,
                 store_path,
             },
@@ -256,6 +278,7 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
 
     /// One reconcile; returns when to run the next one without new input.
     async fn reconcile(&mut self) -> SystemTime {
+        let started = std::time::Instant::now();
         let now = SystemTime::now();
         let snapshot = self.client.as_ref().map(|c| c.snapshot());
         self.publish_local(snapshot.as_ref());
@@ -348,7 +371,22 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
                 }
             }
         }
-        self.harvest(&specs.specs);
+        let harvested = if self.setup.settings.harvest_extra_endpoints {
+            harvested_endpoints(&specs.specs, &self.statuses)
+        } else {
+            Vec::new()
+        };
+        self.publish_harvested(&harvested);
+        for t in &p.transitions {
+            if t.new_endpoint.is_some() {
+                *self
+                    .endpoint_attempts
+                    .entry(t.public_key.clone())
+                    .or_default() += 1;
+            }
+        }
+        self.endpoint_attempts
+            .retain(|k, _| specs.specs.contains_key(k));
         let mut wake = p.next_wake;
         if let Some(t) = self.retained.next_expiry() {
             wake = wake.min(t);
@@ -357,9 +395,16 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
             // Retry failed applies soon, whatever the planner says.
             wake = wake.min(now + Duration::from_secs(2));
         }
+        let elapsed = started.elapsed();
         self.view.send_modify(|v| {
             v.local = self.last_local.clone();
+            v.raw_affiliates = raw;
             v.affiliates = merged;
+            v.harvested = harvested;
+            v.endpoint_attempts = self.endpoint_attempts.clone();
+            v.last_reconcile = Some(now);
+            v.reconcile_seconds += elapsed.as_secs_f64();
+            v.last_reconcile_duration = elapsed;
             v.specs = specs.specs;
             v.statuses = self.statuses.clone();
             v.routed = p.routed;
@@ -403,22 +448,12 @@ impl<D: DataPlane, H: HostFacts> Node<D, H> {
 
     /// harvestExtraEndpoints: publish the endpoints WireGuard uses for up peers
     /// under those peers' affiliate IDs, as Talos does.
-    fn harvest(&mut self, specs: &BTreeMap<String, PeerSpec>) {
+    fn publish_harvested(&mut self, harvested: &[Harvested]) {
         let Some(client) = &self.client else { return };
-        if !self.setup.settings.harvest_extra_endpoints {
-            return;
-        }
-        let mut list: Vec<(String, SocketAddr)> = specs
+        let list: Vec<(String, SocketAddr)> = harvested
             .iter()
-            .filter_map(|(key, spec)| {
-                let st = self.statuses.get(key)?;
-                (st.state == PeerState::Up)
-                    .then_some(st.endpoint)
-                    .flatten()
-                    .map(|e| (spec.node_id.clone(), e))
-            })
+            .map(|h| (h.affiliate_id.clone(), h.endpoint))
             .collect();
-        list.sort();
         if list != self.harvested {
             if let Err(e) = client.set_other_endpoints(list.clone()) {
                 tracing::warn!("cannot publish harvested endpoints: {e}");
