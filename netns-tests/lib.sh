@@ -163,8 +163,10 @@ ks_node_start() {
     [[ -f $dir/config.yaml ]] || ks_node_config "$n"
     # A private /run: the node's WireGuard socket (and anything else it keeps
     # there) lives in its own tmpfs and nothing is created on the host's /run.
+    # $KS_NODE_PRE, if set, runs there first (a foreign WireGuard, say).
     ip netns exec "$ns" unshare --mount --propagation private -- sh -c '
         mount -n -t tmpfs kubespan-run /run && mkdir -p /run/wireguard &&
+        eval "${KS_NODE_PRE:-}" &&
         exec "$0" run --config "$1"' "$KS_BIN" "$dir/config.yaml" >>"$dir/daemon.log" 2>&1 &
     KS_PID[node$n]=$!
 }

@@ -90,6 +90,13 @@ for n in 1 2 3; do
     done
     check "node$n: nft routed set does not have its own address" ks_not ks_nft_routes "$nft" "$(ks_node_ip "$n")"
     check "node$n: MSS clamp present" grep -q "maxseg size set" <<<"$nft"
+    kind=$(ks_node_exec "$n" ip -d link show kubespan)
+    if [[ ${KS_BACKEND:-userspace} == kernel ]]; then
+        check "node$n: kernel WireGuard (ip -d link: type wireguard)" grep -q "wireguard" <<<"$kind"
+        check "node$n: no userspace WireGuard socket" ks_not ks_node_exec "$n" test -e /var/run/wireguard/kubespan.sock
+    else
+        check "node$n: userspace WireGuard on a TUN device (ip -d link: tun)" grep -q "tun " <<<"$kind"
+    fi
     mtu=$(ks_node_exec "$n" cat /sys/class/net/kubespan/mtu)
     check "node$n: link MTU 1420" test "$mtu" -eq 1420
     rp=$(ks_node_exec "$n" cat /proc/sys/net/ipv4/conf/kubespan/rp_filter)

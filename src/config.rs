@@ -43,6 +43,9 @@ pub enum Backend {
     Auto,
     Kernel,
     Userspace,
+    /// A userspace WireGuard started by something else (wireguard-go, say),
+    /// driven over its UAPI socket; its link is never created or deleted.
+    External,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -486,7 +489,7 @@ kubespan:
   enabled: true
   interface: kubespan          # WireGuard link name
   listenPort: 51820            # UDP; must be reachable from the other nodes
-  backend: auto                # auto | kernel | userspace
+  backend: auto                # auto | kernel | userspace | external (drive an existing wireguard-go device)
   mtu: 1420
   # Route traffic to down peers outside the tunnel instead of dropping it.
   allowDownPeerBypass: false
@@ -596,6 +599,8 @@ node:
         .unwrap();
         assert!(!s.force_routing);
         assert_eq!(s.backend, Backend::Userspace);
+        let external = parse(&format!("{}kubespan:\n  backend: external\n", minimal())).unwrap();
+        assert_eq!(external.backend, Backend::External);
         assert_eq!(s.listen_port, 51821);
         assert_eq!(s.exclude_advertised_networks.len(), 2);
         assert_eq!(s.extra_announced_endpoints[1].port(), 51820);

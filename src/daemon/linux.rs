@@ -200,5 +200,6 @@ pub fn backend_choice(b: crate::config::Backend) -> BackendChoice {
         crate::config::Backend::Auto => BackendChoice::Auto,
         crate::config::Backend::Kernel => BackendChoice::Kernel,
         crate::config::Backend::Userspace => BackendChoice::Userspace,
+        crate::config::Backend::External => BackendChoice::External,
     }
 }

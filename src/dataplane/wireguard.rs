@@ -260,6 +260,8 @@ pub trait WireGuardBackend: Send + Sync {
 pub enum BackendKind {
     Kernel,
     Userspace,
+    /// Someone else's userspace WireGuard, driven over its UAPI socket.
+    External,
 }
 
 /// The `--wireguard-backend` setting.
@@ -270,6 +272,7 @@ pub enum BackendChoice {
     Auto,
     Kernel,
     Userspace,
+    External,
 }
 
 impl std::str::FromStr for BackendChoice {
@@ -280,8 +283,9 @@ impl std::str::FromStr for BackendChoice {
             "auto" => Ok(Self::Auto),
             "kernel" => Ok(Self::Kernel),
             "userspace" => Ok(Self::Userspace),
+            "external" => Ok(Self::External),
             other => Err(format!(
-                "unknown WireGuard backend {other:?} (expected auto, kernel or userspace)"
+                "unknown WireGuard backend {other:?} (expected auto, kernel, userspace or external)"
             )),
         }
     }
@@ -512,6 +516,9 @@ fn log_summary(name: &str, summary: &ApplySummary) {
 pub struct UserspaceBackend {
     name: String,
     netlink: Netlink,
+    /// The device belongs to another process (wireguard-go, say): we only
+    /// configure it over its UAPI socket, never create or delete it.
+    external: bool,
     device: Arc<Mutex<Option<WGApi<Userspace>>>>,
     /// Serializes ensure/apply/remove so a diff is never computed against a device
     /// another call is changing.
@@ -531,6 +538,7 @@ impl UserspaceBackend {
         Self {
             name: link_name.into(),
             netlink,
+            external: false,
             device: Arc::new(Mutex::new(None)),
             op: tokio::sync::Mutex::new(()),
         }
@@ -551,8 +559,69 @@ impl UserspaceBackend {
         }
     }
 
+    /// A backend for a device another process created and serves on
+    /// `/var/run/wireguard/<link>.sock`.
+    pub fn external(link_name: impl Into<String>, netlink: Netlink) -> Self {
+        Self {
+            external: true,
+            ..Self::new(link_name, netlink)
+        }
+    }
+
     fn has_device(&self) -> Result<bool, WireGuardError> {
         Ok(self.slot()?.is_some())
+    }
+
+    /// Attaches to the external device: its link and a live UAPI socket must
+    /// exist. The handle only talks to the socket (it never starts boringtun).
+    fn attach_external(&self, link_exists: bool) -> Result<(), WireGuardError> {
+        let path = uapi_socket_path(&self.name);
+        if !link_exists || !socket_is_live(&path) {
+            let missing = if link_exists {
+                format!("nothing answers on {}", path.display())
+            } else {
+                format!("there is no link {}", self.name)
+            };
+            return Err(WireGuardError::Create {
+                name: self.name.clone(),
+                reason: format!(
+                    "kubespan.backend is external, but {missing} (start the WireGuard implementation first, for example `wireguard-go {}`)",
+                    self.name
+                ),
+            });
+        }
+        let mut slot = self.slot()?;
+        if slot.is_none() {
+            let api =
+                WGApi::<Userspace>::new(self.name.clone()).map_err(|e| WireGuardError::Create {
+                    name: self.name.clone(),
+                    reason: e.to_string(),
+                })?;
+            *slot = Some(api);
+            tracing::info!(link = %self.name, socket = %path.display(), "attached to an external userspace WireGuard device");
+        }
+        Ok(())
+    }
+
+    /// Creates our boringtun device, or re-creates it when its link vanished.
+    async fn ensure_own_device(&self, existing: Option<LinkState>) -> Result<(), WireGuardError> {
+        match (self.has_device()?, existing) {
+            (true, Some(_)) => {}
+            (true, None) => {
+                // Someone deleted our TUN; the old device is useless.
+                tracing::warn!(link = %self.name, "userspace WireGuard link vanished; recreating it");
+                self.drop_device().await?;
+                self.create().await?;
+            }
+            (false, Some(link)) => {
+                return Err(WireGuardError::LinkConflict {
+                    name: self.name.clone(),
+                    kind: link.kind.unwrap_or_else(|| "no kind".into()),
+                });
+            }
+            (false, None) => self.create().await?,
+        }
+        Ok(())
     }
 
     /// Runs `f` against our device on a blocking thread.
@@ -612,6 +681,32 @@ impl UserspaceBackend {
             })?;
         *self.slot()? = Some(created);
         tracing::info!(link = %self.name, socket = %path.display(), "created userspace WireGuard device");
+        Ok(())
+    }
+
+    /// Leaves the external device as we found it, less what we added: our
+    /// peers go; the link, its key and port stay with their owner.
+    async fn detach_external(&self) -> Result<(), WireGuardError> {
+        if !self.has_device()? {
+            return Ok(());
+        }
+        let state = self.read_locked().await?;
+        let keys: Vec<PublicKey> = state.peers.iter().map(|p| p.public_key).collect();
+        let removed = keys.len();
+        self.with_device("remove peers", move |api| {
+            for key in &keys {
+                api.remove_peer(&key.to_wg()).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+        .await?
+        .map_err(|reason| WireGuardError::Remove {
+            name: self.name.clone(),
+            reason,
+        })?;
+        // The handle owns no device: dropping it only forgets the socket path.
+        self.slot()?.take();
+        tracing::info!(link = %self.name, peers = removed, "detached from the external WireGuard device (its link stays)");
         Ok(())
     }
 
@@ -771,7 +866,11 @@ fn uapi_set_device(path: &Path, plan: &Plan, fwmark: u32) -> Result<(), String> 
 
 impl WireGuardBackend for UserspaceBackend {
     fn kind(&self) -> BackendKind {
-        BackendKind::Userspace
+        if self.external {
+            BackendKind::External
+        } else {
+            BackendKind::Userspace
+        }
     }
 
     fn link_name(&self) -> &str {
@@ -783,21 +882,10 @@ impl WireGuardBackend for UserspaceBackend {
         let existing = netlink::get_link(&self.netlink, &self.name)
             .await
             .map_err(netlink_err(&self.name, "link lookup"))?;
-        match (self.has_device()?, existing) {
-            (true, Some(_)) => {}
-            (true, None) => {
-                // Someone deleted our TUN; the old device is useless.
-                tracing::warn!(link = %self.name, "userspace WireGuard link vanished; recreating it");
-                self.drop_device().await?;
-                self.create().await?;
-            }
-            (false, Some(link)) => {
-                return Err(WireGuardError::LinkConflict {
-                    name: self.name.clone(),
-                    kind: link.kind.unwrap_or_else(|| "no kind".into()),
-                });
-            }
-            (false, None) => self.create().await?,
+        if self.external {
+            self.attach_external(existing.is_some())?;
+        } else {
+            self.ensure_own_device(existing).await?;
         }
         let link = netlink::get_link(&self.netlink, &self.name)
             .await
@@ -886,6 +974,9 @@ impl WireGuardBackend for UserspaceBackend {
 
     async fn remove_link(&self) -> Result<(), WireGuardError> {
         let _op = self.op.lock().await;
+        if self.external {
+            return self.detach_external().await;
+        }
         let owned = self.has_device()?;
         self.drop_device().await?;
         let path = uapi_socket_path(&self.name);
@@ -1203,10 +1294,12 @@ impl AnyBackend {
         let name = link_name.into();
         let kernel = match choice {
             BackendChoice::Kernel => true,
-            BackendChoice::Userspace => false,
+            BackendChoice::Userspace | BackendChoice::External => false,
             BackendChoice::Auto => detect_kernel_support(),
         };
-        let backend = if kernel {
+        let backend = if choice == BackendChoice::External {
+            Self::Userspace(UserspaceBackend::external(name, netlink))
+        } else if kernel {
             Self::Kernel(KernelBackend::new(name, netlink))
         } else {
             Self::Userspace(UserspaceBackend::new(name, netlink))
