@@ -38,6 +38,7 @@ bench_init() {
     # shellcheck source=../netns-tests/lib.sh
     source "$BENCH_ROOT/netns-tests/lib.sh"
     trap bench_cleanup EXIT
+    trap 'ks_log "$(basename "$0"): failed at line $LINENO: $BASH_COMMAND"' ERR
     trap 'exit 130' INT TERM
 }
 
@@ -82,7 +83,11 @@ machine() {
 
 # A node's KubeSpan public key and address, once its WireGuard link exists.
 node_pubkey() { ks_node_exec "$1" wg show kubespan public-key; }
-node_ksaddr() { ks_node_exec "$1" ip -6 -o addr show dev kubespan scope global | awk '{print $4}' | cut -d/ -f1; }
+node_ksaddr() {
+    local a
+    a=$(ks_node_exec "$1" ip -6 -o addr show dev kubespan scope global | awk '{print $4}' | cut -d/ -f1)
+    [[ -n $a ]] && echo "$a"
+}
 
 # ks_discovery_start with the Prometheus metrics on $KS_DISCOVERY_IP:2122 (in
 # the hub namespace), to count the calls the daemons make.
