@@ -89,10 +89,17 @@ pub struct WgObservation {
     pub tx_bytes: u64,
 }
 
-/// Talos `UpdateFromWireguard`: copy what the device reports.
+/// Talos `UpdateFromWireguard`: copy what the device reports, except that a
+/// handshake once seen is not forgotten. Kernel WireGuard keeps a peer's last
+/// handshake time for as long as the peer exists, and the state rules assume
+/// that; boringtun reports none as soon as the current session has expired
+/// (after 180 s, since it does not rekey on keepalives), which made idle peers
+/// flap to `down` every few minutes until the next handshake.
 pub fn update_from_wireguard(status: &mut PeerStatus, observed: &WgObservation) {
     status.endpoint = observed.endpoint;
-    status.last_handshake = observed.last_handshake;
+    if observed.last_handshake.is_some() {
+        status.last_handshake = observed.last_handshake;
+    }
     status.rx_bytes = observed.rx_bytes;
     status.tx_bytes = observed.tx_bytes;
 }
@@ -330,6 +337,51 @@ mod tests {
 
     fn ep(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_expired_userspace_session_does_not_make_an_idle_peer_down() {
+        let timing = Timing::default();
+        let endpoints = [ep("192.0.2.1:51820")];
+        let mut status = PeerStatus::default();
+        // Configured at t(0), handshake at t(1).
+        step(&mut status, &endpoints, None, t(0), &timing);
+        let seen = |h: Option<SystemTime>| WgObservation {
+            endpoint: Some(endpoints[0]),
+            last_handshake: h,
+            ..Default::default()
+        };
+        let d = step(
+            &mut status,
+            &endpoints,
+            Some(&seen(Some(t(1)))),
+            t(2),
+            &timing,
+        );
+        assert_eq!(d.state, PeerState::Up);
+        // boringtun drops the session 180 s later and reports no handshake
+        // until the keepalive has brought a new one.
+        let d = step(&mut status, &endpoints, Some(&seen(None)), t(190), &timing);
+        assert_eq!(d.state, PeerState::Up);
+        assert_eq!(status.last_handshake, Some(t(1)));
+        let d = step(
+            &mut status,
+            &endpoints,
+            Some(&seen(Some(t(200)))),
+            t(201),
+            &timing,
+        );
+        assert_eq!(d.state, PeerState::Up);
+        assert_eq!(status.last_handshake, Some(t(200)));
+        // Without any new handshake the peer still goes down after D.
+        let d = step(
+            &mut status,
+            &endpoints,
+            Some(&seen(None)),
+            t(200) + D + Duration::from_secs(1),
+            &timing,
+        );
+        assert_eq!(d.state, PeerState::Down);
     }
 
     #[test]
