@@ -3,13 +3,7 @@
 # address on node1 shows up in node2's WireGuard allowed IPs for node1 (and in
 # its routed set), and a removed one disappears, without any restart.
 source "$(dirname "$0")/lib.sh"
-ks_require_root
-trap ks_cleanup EXIT
-check() { local what=$1; shift; "$@" || { tail -30 "$KS_TMP"/node*/daemon.log >&2; ks_die "$what"; }; ks_log "ok: $what"; }
-
-ks_new_cluster
-ks_hub_up
-ks_discovery_start
+ks_scenario
 for n in 1 2; do ks_node_net "$n"; ks_node_start "$n"; done
 ks_wait 30 ks_handshakes_with 2 1 >/dev/null || check "node2 has a handshake with node1" false
 

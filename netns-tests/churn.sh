@@ -4,13 +4,7 @@
 # WireGuard at once; another is stopped with SIGTERM and started again: the
 # others keep it as a peer throughout and traffic to it resumes within seconds.
 source "$(dirname "$0")/lib.sh"
-ks_require_root
-trap ks_cleanup EXIT
-check() { ks_check "$@"; }
-
-ks_new_cluster
-ks_hub_up
-ks_discovery_start
+ks_scenario
 for n in 1 2 3 4 5; do
     ks_node_net "$n"
     ks_node_start "$n"

@@ -6,12 +6,7 @@
 source "$(dirname "$0")/lib.sh"
 ks_require_root
 command -v wireguard-go >/dev/null || ks_die "missing tool: wireguard-go (scripts/test installs it)"
-trap ks_cleanup EXIT
-check() { ks_check "$@"; }
-
-ks_new_cluster
-ks_hub_up
-ks_discovery_start
+ks_scenario
 for n in 1 2 3; do ks_node_net "$n"; done
 ks_node_start 1
 ks_node_start 2

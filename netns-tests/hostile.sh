@@ -7,14 +7,10 @@
 source "$(dirname "$0")/lib.sh"
 ks_require_root
 command -v jq >/dev/null || ks_die "missing tool: jq (scripts/test installs it)"
-trap ks_cleanup EXIT
-check() { ks_check "$@"; }
 junk=$(dirname "$KS_BIN")/examples/junk_publisher
 [[ -x $junk ]] || ks_die "no $junk (cargo build --all-targets)"
 
-ks_new_cluster
-ks_hub_up
-ks_discovery_start
+ks_scenario
 for n in 1 2 3; do
     ks_node_net "$n"
     ks_node_start "$n"

@@ -24,6 +24,25 @@ declare -gA KS_PID=()
 ks_log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 ks_die() { ks_log "FAIL: $*"; exit 1; }
 
+# The start of every scenario: root and tools checked, everything removed on
+# exit, a fresh cluster, the hub and its discovery service (arguments go to
+# ks_discovery_start).
+ks_scenario() {
+    ks_require_root
+    trap ks_cleanup EXIT
+    ks_new_cluster
+    ks_hub_up
+    ks_discovery_start "$@"
+}
+
+# Scenarios say `check "what" command...`.
+check() { ks_check "$@"; }
+
+# True when node N's daemon reports its discovery session up.
+ks_discovery_connected() {
+    ks_node_exec "$1" "$KS_BIN" status -o json | jq -e .discovery.connected >/dev/null
+}
+
 # Runs a check: logs "ok: <what>", or prints the end of every node's log and
 # fails the scenario.
 ks_check() {

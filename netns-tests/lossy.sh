@@ -2,13 +2,7 @@
 # Lossy underlay: 20 % loss (and 50 ms delay where the kernel has netem) on
 # every node's link, both ways. The mesh still converges and carries traffic.
 source "$(dirname "$0")/lib.sh"
-ks_require_root
-trap ks_cleanup EXIT
-check() { ks_check "$@"; }
-
-ks_new_cluster
-ks_hub_up
-ks_discovery_start
+ks_scenario
 nodes=(1 2 3)
 for n in "${nodes[@]}"; do ks_node_net "$n"; done
 

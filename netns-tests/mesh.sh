@@ -6,29 +6,13 @@
 # nftables table; a node with the wrong secret never becomes a peer; SIGTERM
 # leaves nothing behind.
 source "$(dirname "$0")/lib.sh"
-ks_require_root
-trap ks_cleanup EXIT
 
-ks_new_cluster
-ks_hub_up
-ks_discovery_start
+ks_scenario
 for n in 1 2 3; do
     ks_node_net "$n"
     ks_node_start "$n"
 done
 started=$SECONDS
-
-check() { # description, command...
-    local what=$1; shift
-    if "$@"; then
-        ks_log "ok: $what"
-    else
-        for n in 1 2 3 4; do
-            [[ -f $KS_TMP/node$n/daemon.log ]] && { echo "--- node$n log:"; tail -20 "$KS_TMP/node$n/daemon.log"; } >&2
-        done
-        ks_die "$what"
-    fi
-}
 
 all_handshaked() {
     ks_handshakes_with 1 2 3 && ks_handshakes_with 2 1 3 && ks_handshakes_with 3 1 2

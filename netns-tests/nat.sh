@@ -9,13 +9,7 @@
 #                                                        bridge -- discovery 10.99.0.1
 #   node2 192.168.2.2 -- 192.168.2.1 [nat2] 10.99.0.22 --+
 source "$(dirname "$0")/lib.sh"
-ks_require_root
-trap ks_cleanup EXIT
-check() { ks_check "$@"; }
-
-ks_new_cluster
-ks_hub_up
-ks_discovery_start
+ks_scenario
 
 nat_site() { # site number: router namespace natN, node namespace nN
     local i=$1 router=${KS_PREFIX}nat$1 node=${KS_PREFIX}n$1

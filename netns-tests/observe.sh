@@ -5,17 +5,12 @@
 source "$(dirname "$0")/lib.sh"
 ks_require_root
 command -v jq >/dev/null || ks_die "missing tool: jq (scripts/test installs it)"
-trap ks_cleanup EXIT
 
-ks_new_cluster
-ks_hub_up
-ks_discovery_start
+ks_scenario
 for n in 1 2 3; do
     ks_node_net "$n"
     ks_node_start "$n"
 done
-
-check() { ks_check "$@"; }
 
 ks() { local n=$1; shift; ks_node_exec "$n" "$KS_BIN" "$@"; }
 

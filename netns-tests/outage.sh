@@ -4,13 +4,7 @@
 # service then comes back EMPTY (no snapshot): every node republishes on its
 # own, with no restart, so a node joining afterwards meshes with all of them.
 source "$(dirname "$0")/lib.sh"
-ks_require_root
-trap ks_cleanup EXIT
-check() { ks_check "$@"; }
-
-ks_new_cluster
-ks_hub_up
-ks_discovery_start
+ks_scenario
 nodes=(1 2 3)
 for n in "${nodes[@]}"; do
     ks_node_net "$n"
@@ -50,9 +44,8 @@ rm -f "$KS_TMP/discovery.binpb"
 ks_discovery_start
 ks_log "info: discovery service back, empty, after $((SECONDS - down))s"
 back=$SECONDS
-connected() { ks_node_exec "$1" "$KS_BIN" status -o json | jq -e .discovery.connected >/dev/null; }
 for n in "${nodes[@]}"; do
-    t=$(ks_wait 90 connected "$n") || check "node$n reconnects to the restarted service" false
+    t=$(ks_wait 90 ks_discovery_connected "$n") || check "node$n reconnects to the restarted service" false
     ks_log "info: node$n reconnected $((SECONDS - back))s after the service came back"
 done
 # node4 has no state: it can only learn the others from the service, so

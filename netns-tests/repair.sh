@@ -3,13 +3,7 @@
 # a deleted rule, a flushed table 180): the daemon puts it back on its own, and
 # node-address traffic goes through the tunnel again.
 source "$(dirname "$0")/lib.sh"
-ks_require_root
-trap ks_cleanup EXIT
-check() { ks_check "$@"; }
-
-ks_new_cluster
-ks_hub_up
-ks_discovery_start
+ks_scenario
 for n in 1 2; do
     ks_node_net "$n"
     ks_node_start "$n"

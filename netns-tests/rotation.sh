@@ -4,13 +4,7 @@
 # third. node1 advertises only a dead endpoint, so node2 cannot reach it first
 # (which would bring the pair up by WireGuard roaming, without any rotation).
 source "$(dirname "$0")/lib.sh"
-ks_require_root
-trap ks_cleanup EXIT
-check() { local what=$1; shift; "$@" || { tail -30 "$KS_TMP"/node*/daemon.log >&2; ks_die "$what"; }; ks_log "ok: $what"; }
-
-ks_new_cluster
-ks_hub_up
-ks_discovery_start
+ks_scenario
 ks_node_net 1
 ks_node_net 2
 # Unassigned addresses on the bridge's subnet: ARP fails, packets vanish.

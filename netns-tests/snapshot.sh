@@ -3,13 +3,7 @@
 # loads it at start. No node may lose a peer at any point, and the nodes
 # reconnect and stay in sync with the restarted service.
 source "$(dirname "$0")/lib.sh"
-ks_require_root
-trap ks_cleanup EXIT
-check() { ks_check "$@"; }
-
-ks_new_cluster
-ks_hub_up
-KS_SNAPSHOTS=true ks_discovery_start
+KS_SNAPSHOTS=true ks_scenario
 nodes=(1 2 3)
 for n in "${nodes[@]}"; do
     ks_node_net "$n"
@@ -29,9 +23,8 @@ restarted=$SECONDS
 KS_SNAPSHOTS=true ks_discovery_start
 check "the restarted service loaded the snapshot" grep -q "snapshot loaded" "$KS_TMP/discovery.log"
 
-connected() { ks_node_exec "$1" "$KS_BIN" status -o json | jq -e '.discovery.connected' >/dev/null; }
 for n in "${nodes[@]}"; do
-    t=$(ks_wait 60 connected "$n") || check "node$n reconnects to the restarted service" false
+    t=$(ks_wait 60 ks_discovery_connected "$n") || check "node$n reconnects to the restarted service" false
     ks_log "info: node$n reconnected $((SECONDS - restarted))s after the restart"
 done
 # A node that joins now is reached by everyone: the others are in sync with
