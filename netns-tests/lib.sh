@@ -119,7 +119,7 @@ ks_hub_up() {
 ks_discovery_start() {
     local log=$KS_TMP/discovery.log
     ip netns exec "$KS_HUB" "$KS_BIN" discovery-service \
-        --addr "$KS_DISCOVERY_IP:$KS_DISCOVERY_PORT" --landing-addr= --metrics-addr= \
+        --addr "$KS_DISCOVERY_IP:$KS_DISCOVERY_PORT" --landing-addr= --metrics-addr="${KS_DISCOVERY_METRICS:-}" \
         --snapshot-path "$KS_TMP/discovery.binpb" --snapshots-enabled="${KS_SNAPSHOTS:-false}" \
         --rate-limit 0 "$@" >"$log" 2>&1 &
     KS_PID[discovery]=$!

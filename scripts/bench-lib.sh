@@ -91,19 +91,8 @@ node_ksaddr() {
 
 # ks_discovery_start with the Prometheus metrics on $KS_DISCOVERY_IP:2122 (in
 # the hub namespace), to count the calls the daemons make.
-
 bench_discovery_start() {
-    local log=$KS_TMP/discovery.log
-    ip netns exec "$KS_HUB" "$KS_BIN" discovery-service \
-        --addr "$KS_DISCOVERY_IP:$KS_DISCOVERY_PORT" --landing-addr= --metrics-addr "$KS_DISCOVERY_IP:2122" \
-        --snapshots-enabled=false --rate-limit 0 >"$log" 2>&1 &
-    KS_PID[discovery]=$!
-    for _ in $(seq 100); do
-        grep -q "discovery service listening" "$log" 2>/dev/null && return 0
-        kill -0 "${KS_PID[discovery]}" 2>/dev/null || ks_die "discovery service exited: $(tail -5 "$log")"
-        sleep 0.05
-    done
-    ks_die "discovery service did not start"
+    KS_DISCOVERY_METRICS=$KS_DISCOVERY_IP:2122 ks_discovery_start
 }
 
 # AffiliateUpdate calls the discovery service has handled so far.
