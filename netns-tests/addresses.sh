@@ -15,8 +15,9 @@ lacks_extra() { ! has_extra; }
 ks_nsx "${KS_PREFIX}n1" ip addr add 10.99.1.1/24 dev eth0
 t=$(ks_wait 10 has_extra) || check "node2 routes node1's new address 10.99.1.1 to node1" false
 ks_log "info: node1's new address reached node2's WireGuard in ${t}s"
-check "node2 marks the new address into the tunnel" \
-    ks_nft_routes "$(ks_node_exec 2 nft list table inet kubespan)" 10.99.1.1
+# The ruleset is applied right after the peers, in the same reconcile.
+marks_extra() { ks_nft_routes "$(ks_node_exec 2 nft list table inet kubespan)" 10.99.1.1; }
+check "node2 marks the new address into the tunnel" ks_wait 5 marks_extra
 
 ks_nsx "${KS_PREFIX}n1" ip addr del 10.99.1.1/24 dev eth0
 t=$(ks_wait 10 lacks_extra) || check "node2 drops node1's removed address" false
