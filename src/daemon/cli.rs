@@ -170,12 +170,14 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     let api_socket = setup.settings.api_socket.clone();
     let metrics_address = setup.settings.metrics_address;
     let (node, view) = Node::new(setup, dp, NetlinkHost(host), client)?;
-    let api = crate::api::server::start(&api_socket, view.clone(), private_key)?;
+    // Metrics first: a busy metrics address must fail before the API socket
+    // exists, so a failed start leaves no file behind.
     let (metrics_stop, metrics_stop_rx) = watch::channel(false);
     let metrics = match metrics_address {
-        Some(addr) => Some(super::metrics::serve(addr, view, metrics_stop_rx).await?),
+        Some(addr) => Some(super::metrics::serve(addr, view.clone(), metrics_stop_rx).await?),
         None => None,
     };
+    let api = crate::api::server::start(&api_socket, view, private_key)?;
     let (stop_tx, stop_rx) = watch::channel(None);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::spawn(async move {
