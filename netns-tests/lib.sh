@@ -261,6 +261,22 @@ ks_new_cluster() {
     KS_CLUSTER_SECRET=$(head -c 32 /dev/urandom | base64)
 }
 
+# After the discovery service came back (at $SECONDS = $1): every listed node
+# reconnects within $2 seconds, and node 4, which has no state and can only learn the others
+# from the service, meshes with all of them, which proves they republished.
+ks_service_resynced() {
+    local since=$1 within=$2; shift 2
+    local n t
+    for n in "$@"; do
+        ks_wait "$within" ks_discovery_connected "$n" >/dev/null || check "node$n reconnects to the discovery service" false
+        ks_log "info: node$n reconnected $((SECONDS - since))s after the service came back"
+    done
+    ks_node_net 4
+    ks_node_start 4
+    t=$(ks_wait 60 ks_full_mesh "$@" 4) || check "a new node meshes with all, through the service" false
+    ks_log "info: node4 joined ${t}s after its start"
+}
+
 # True when every listed node has a handshake with every other listed node.
 ks_full_mesh() {
     local n

@@ -23,16 +23,7 @@ restarted=$SECONDS
 KS_SNAPSHOTS=true ks_discovery_start
 check "the restarted service loaded the snapshot" grep -q "snapshot loaded" "$KS_TMP/discovery.log"
 
-for n in "${nodes[@]}"; do
-    t=$(ks_wait 60 ks_discovery_connected "$n") || check "node$n reconnects to the restarted service" false
-    ks_log "info: node$n reconnected $((SECONDS - restarted))s after the restart"
-done
-# A node that joins now is reached by everyone: the others are in sync with
-# the restarted service.
-ks_node_net 4
-ks_node_start 4
-t=$(ks_wait 60 ks_full_mesh 1 2 3 4) || check "a node joining after the restart meshes with all" false
-ks_log "info: node4 joined ${t}s after its start"
+ks_service_resynced "$restarted" 60 "${nodes[@]}"
 sleep 1
 kill "${samplers[@]}" 2>/dev/null
 wait "${samplers[@]}" 2>/dev/null || true

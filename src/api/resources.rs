@@ -218,10 +218,6 @@ fn strings<T: ToString>(items: &[T]) -> Value {
     Value::Array(items.iter().map(|i| Value::String(i.to_string())).collect())
 }
 
-fn host_prefix(ip: IpAddr) -> IpNet {
-    IpNet::from(ip)
-}
-
 fn affiliate_spec(a: &AffiliateSpec) -> Value {
     let mut spec = json!({
         "nodeId": a.node_id,
@@ -246,16 +242,12 @@ fn affiliate_spec(a: &AffiliateSpec) -> Value {
     spec
 }
 
+/// A member is its affiliate without the nodename (its ID) and KubeSpan data.
 fn member_spec(a: &AffiliateSpec) -> Value {
-    let mut spec = json!({
-        "nodeId": a.node_id,
-        "addresses": strings(&a.addresses),
-        "hostname": a.hostname,
-        "machineType": a.machine_type,
-        "operatingSystem": a.operating_system,
-    });
-    if let Some(cp) = &a.control_plane {
-        spec["controlPlane"] = json!({ "port": cp.api_server_port });
+    let mut spec = affiliate_spec(a);
+    if let Value::Object(map) = &mut spec {
+        map.remove("nodename");
+        map.remove("kubespan");
     }
     spec
 }
@@ -271,7 +263,7 @@ pub fn build(view: &NodeView, secrets: &Secrets<'_>) -> BTreeMap<Key, Value> {
         out.insert(
             Key::new(NS_KUBESPAN, KUBESPAN_IDENTITIES, "local"),
             json!({
-                "address": host_prefix(IpAddr::V6(addr)).to_string(),
+                "address": IpNet::from(IpAddr::V6(addr)).to_string(),
                 "subnet": Ipv6Net::new(prefix.network(), prefix.prefix_len())
                     .map(|n| n.to_string())
                     .unwrap_or_default(),
